@@ -1,0 +1,3 @@
+"""fedmq: federated learning over RabbitMQ."""
+
+__version__ = "0.1.0"
