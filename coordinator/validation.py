@@ -1,0 +1,121 @@
+"""Checks that split incoming updates into valid ones and rejected ones before any maths.
+
+An update is valid for a round when it belongs to the run, the round and the model
+version, carries exactly the expected tensors with the expected shapes, decodes
+with its declared codec, and holds only finite values. Every rejection names its
+reason, which the coordinator counts and writes into the dead-letter header.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedmq.errors import MessageError
+from schemas import tensors as wire_tensors
+from schemas.messages import Update
+
+
+class RejectedUpdate(Exception):
+    """An update that must not be aggregated; ``reason`` is a short category, ``detail`` the specifics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(frozen=True)
+class ExpectedTensor:
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def is_floating(self) -> bool:
+        return self.dtype in wire_tensors.FLOAT_DTYPES
+
+
+def expected_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, ExpectedTensor]:
+    return {name: ExpectedTensor(tuple(tensor.shape), wire_tensors.wire_dtype(tensor)) for name, tensor in state.items()}
+
+
+def decode_update(update: Update, expected: Mapping[str, ExpectedTensor]) -> dict[str, np.ndarray]:
+    """Decode an update's tensors, checking names, shapes, codecs and finiteness.
+
+    Returns float32 deltas for floating tensors and values of the tensor's dtype for
+    integer and bool tensors. Raises RejectedUpdate.
+    """
+    names = set(update.deltas)
+    missing = sorted(set(expected) - names)
+    extra = sorted(names - set(expected))
+    if missing:
+        raise RejectedUpdate("missing_tensors", f"update lacks tensors {missing[:5]}")
+    if extra:
+        raise RejectedUpdate("unexpected_tensors", f"update carries unknown tensors {extra[:5]}")
+
+    decoded: dict[str, np.ndarray] = {}
+    for name, spec in expected.items():
+        tensor = update.deltas[name]
+        if tuple(tensor.shape) != spec.shape:
+            raise RejectedUpdate("wrong_shape", f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(spec.shape)}")
+        if not spec.is_floating and (tensor.codec != wire_tensors.RAW or tensor.dtype != spec.dtype):
+            raise RejectedUpdate(
+                "wrong_dtype",
+                f"tensor {name!r} must travel exactly as {spec.dtype} (codec raw), but came as {tensor.dtype} with codec {tensor.codec}",
+            )
+        if spec.is_floating and tensor.dtype not in wire_tensors.FLOAT_DTYPES:
+            raise RejectedUpdate("wrong_dtype", f"tensor {name!r} must be floating, but came as {tensor.dtype}")
+        try:
+            values = wire_tensors.decode(tensor, name=name)
+        except MessageError as exc:
+            raise RejectedUpdate("invalid_codec", str(exc)) from exc
+        if spec.is_floating:
+            values = wire_tensors.as_float32(values, tensor.dtype) if tensor.codec == wire_tensors.RAW else values
+            if not np.isfinite(values).all():
+                raise RejectedUpdate("non_finite", f"tensor {name!r} contains NaN or Inf")
+        decoded[name] = values
+    return decoded
+
+
+def update_norm(decoded: Mapping[str, np.ndarray], expected: Mapping[str, ExpectedTensor]) -> float:
+    """Return the L2 norm of an update's floating deltas, accumulated in float64."""
+    total = 0.0
+    for name, spec in expected.items():
+        if spec.is_floating:
+            values = decoded[name].reshape(-1)
+            total += float(np.dot(values.astype(np.float64, copy=False), values.astype(np.float64, copy=False)))
+    return math.sqrt(total)
+
+
+class NormGate:
+    """Rejects updates whose norm is far beyond the others in the round.
+
+    An update is rejected when its norm exceeds ``max_norm`` (when set), or when at
+    least ``min_history`` norms were seen in the round and it exceeds
+    ``factor`` times their median.
+    """
+
+    def __init__(self, *, factor: float = 50.0, max_norm: float | None = None, min_history: int = 2) -> None:
+        if factor <= 1:
+            raise ValueError(f"factor must be > 1, but got {factor}")
+        self.factor = factor
+        self.max_norm = max_norm
+        self.min_history = min_history
+        self.norms: list[float] = []
+
+    def check(self, norm: float) -> None:
+        if self.max_norm is not None and norm > self.max_norm:
+            raise RejectedUpdate("norm_too_large", f"update norm {norm:.4g} exceeds the maximum {self.max_norm:.4g}")
+        if len(self.norms) >= self.min_history:
+            median = float(np.median(self.norms))
+            if median > 0 and norm > self.factor * median:
+                raise RejectedUpdate(
+                    "norm_outlier", f"update norm {norm:.4g} exceeds {self.factor:g} times the round's median {median:.4g}"
+                )
+
+    def record(self, norm: float) -> None:
+        self.norms.append(norm)

@@ -1,0 +1,244 @@
+"""The worker service: waits for round starts, trains locally, publishes updates.
+
+A worker opens only outbound connections to the broker. It declares its own queue,
+bound to broadcast round starts and to round starts addressed to it, and announces
+itself with a Join message on every (re)connect.
+
+Threading rule: the main thread owns the broker connection and is the only thread
+that calls pika. Local training runs on one training thread, so the main thread
+keeps servicing heartbeats however long training takes. The training thread never
+touches the connection. It puts the encoded message into ``self._outbox``, and the
+main thread publishes it, retrying across reconnects until the broker confirms it.
+
+A round start is acked as soon as it is decoded, before training, so training that
+outlasts the broker's ``consumer_timeout`` cannot get the channel closed. A round
+start that is lost with a dead worker is covered by the coordinator's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import torch
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from fedmq.broker import CONNECTION_ERRORS, BrokerClient, BrokerSettings, Delivery, UnroutableError
+from fedmq.errors import MessageError, PublishError
+from fedmq.tasks import PartitionSpec, Task, load_task
+from schemas.messages import DecodeLimits, Join, Leave, RoundStart, decode_message, encode_message
+from worker.training import LocalOverrides, LocalTrainer, failure_message
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Settings of one worker process."""
+
+    broker: BrokerSettings
+    task: str
+    worker_id: str
+    shard_index: int = 0
+    shard_count: int = 1
+    partition: PartitionSpec = PartitionSpec()
+    state_dir: Path | None = None
+    torch_threads: int = 1
+    local_epochs: int | None = None
+    max_steps: int | None = None
+    time_budget_s: float | None = None
+    max_round_bytes: int = 1 << 30
+    publish_attempts: int = 20
+    exit_after_rounds: int | None = None
+
+    def __post_init__(self) -> None:
+        from fedmq.errors import ConfigError
+
+        if not self.worker_id or any(c in self.worker_id for c in " #*/"):
+            raise ConfigError(f"worker_id must be a non-empty name without spaces, '#', '*' or '/', but got {self.worker_id!r}")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ConfigError(f"shard must satisfy 0 <= index < count, but got {self.shard_index}/{self.shard_count}")
+        if self.torch_threads < 1:
+            raise ConfigError(f"torch_threads must be >= 1, but got {self.torch_threads}")
+
+
+class Worker:
+    """One federated worker (see the module docstring for the threading rule)."""
+
+    def __init__(self, settings: WorkerSettings, *, task: Task | None = None) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id
+        self.task = task or load_task(settings.task)
+        torch.set_num_threads(settings.torch_threads)
+        data = self.task.load_local_data(settings.shard_index, settings.shard_count, settings.partition)
+        overrides = LocalOverrides(settings.local_epochs, settings.max_steps, settings.time_budget_s)
+        self.trainer = LocalTrainer(self.task, data, worker_id=self.worker_id, state_dir=settings.state_dir, overrides=overrides)
+        self.num_samples = data.num_train
+        self.broker = BrokerClient(
+            settings.broker, client_name=f"fedmq-worker-{self.worker_id}", stop_requested=lambda: self.stop_requested
+        )
+        self.limits = DecodeLimits(max_raw_bytes=settings.max_round_bytes)
+        self.stop_requested = False
+        self.rounds_done = 0
+        self._outbox: queue.SimpleQueue[tuple[str, bytes, RoundStart]] = queue.SimpleQueue()
+        self._pending: tuple[str, bytes, RoundStart] | None = None
+        self._training: threading.Thread | None = None
+        self._training_key: tuple[str, int, int] | None = None
+        self._next_start: RoundStart | None = None
+        self._answered: set[tuple[str, int, int]] = set()
+
+    # Lifecycle
+
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum: int, frame: FrameType | None) -> None:
+            logger.warning("worker %s: received signal %d; finishing the current round, then leaving", self.worker_id, signum)
+            self.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def run(self) -> None:
+        """Serve rounds until stopped by a signal, or after ``exit_after_rounds`` rounds."""
+        logger.info("worker %s: starting with %d training samples, %r", self.worker_id, self.num_samples, self.settings.broker)
+        self._connect()
+        try:
+            while not self._should_exit():
+                self._step()
+            self._finish()
+        finally:
+            self.broker.close()
+        logger.info("worker %s: stopped after %d rounds", self.worker_id, self.rounds_done)
+
+    def _should_exit(self) -> bool:
+        limit = self.settings.exit_after_rounds
+        if limit is not None and self.rounds_done >= limit and self._pending is None and self._training is None:
+            return True
+        return self.stop_requested and self._training is None and self._pending is None
+
+    def _finish(self) -> None:
+        try:
+            body = encode_message(Leave(worker_id=self.worker_id, reason="shutdown"))
+            self.broker.publish_result(self.worker_id, body)
+        except (PublishError, *CONNECTION_ERRORS) as exc:
+            logger.warning("worker %s: could not send the leave message: %r", self.worker_id, exc)
+
+    def _connect(self) -> None:
+        queue_name = self.broker.topology.worker_queue(self.worker_id)
+        self.broker.add_setup_step(lambda: self.broker.declare_worker_queue(self.worker_id))
+        self.broker.add_setup_step(self._announce)
+        self.broker.consume(queue_name, self._on_delivery, prefetch=8)
+        self.broker.connect()
+
+    def _announce(self) -> None:
+        join = Join(worker_id=self.worker_id, task=self.task.name, num_samples=self.num_samples, model_version=self.trainer.held_version)
+        try:
+            self.broker.publish_result(self.worker_id, encode_message(join))
+        except UnroutableError:
+            logger.info("worker %s: no coordinator has declared the results queue yet; waiting for a round start", self.worker_id)
+
+    # Main loop, on the connection's thread
+
+    def _step(self) -> None:
+        try:
+            self.broker.process_events(0.1)
+            self._collect_training_result()
+            self._publish_pending()
+            self._start_next_round()
+        except CONNECTION_ERRORS as exc:
+            self.broker.reconnect(exc)
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        try:
+            message = decode_message(delivery.body, self.limits)
+        except MessageError as exc:
+            logger.warning("worker %s: discarded an invalid message %s: %s", self.worker_id, delivery.message_id, exc)
+            self.broker.ack(delivery)
+            return
+        self.broker.ack(delivery)
+        if not isinstance(message, RoundStart):
+            logger.warning("worker %s: discarded a %s message on its round queue", self.worker_id, message.KIND)
+            return
+        if message.task != self.task.name:
+            logger.warning("worker %s: discarded round %d of task %r; this worker runs %r", self.worker_id, message.round, message.task, self.task.name)
+            return
+        key = (message.run_id, message.round, message.model_version)
+        if key in self._answered or key == self._training_key:
+            logger.debug("worker %s: round %d (attempt %d) already answered or in training", self.worker_id, message.round, message.attempt)
+            return
+        if message.deadline_unix < time.time():
+            logger.warning("worker %s: discarded round %d of run %s, whose deadline has passed", self.worker_id, message.round, message.run_id)
+            return
+        # Only the newest round start waits; an older one waiting is dropped.
+        if self._next_start is not None:
+            logger.info("worker %s: round %d replaces waiting round %d", self.worker_id, message.round, self._next_start.round)
+        self._next_start = message
+
+    def _start_next_round(self) -> None:
+        if self._training is not None or self._next_start is None or self._pending is not None:
+            return
+        start, self._next_start = self._next_start, None
+        key = (start.run_id, start.round, start.model_version)
+        self._training_key = key
+        logger.info("worker %s: training round %d of run %s (attempt %d, model version %d)", self.worker_id, start.round, start.run_id, start.attempt, start.model_version)
+        self._training = threading.Thread(target=self._train, args=(start,), name=f"train-{self.worker_id}", daemon=True)
+        self._training.start()
+
+    # Training thread
+
+    def _train(self, start: RoundStart) -> None:
+        try:
+            body, summary = self.trainer.run_round(start)
+            logger.info(
+                "worker %s round %d: trained %d steps on %d samples in %.2f s, update %d bytes",
+                self.worker_id, start.round, summary["num_steps"], summary["num_samples"], summary["train_time_s"], summary["bytes"],
+            )
+            self._outbox.put(("update", body, start))
+        except (Exception, MemoryError) as exc:
+            logger.error("worker %s round %d: training failed", self.worker_id, start.round, exc_info=True)
+            self._outbox.put(("failure", failure_message(start, self.worker_id, exc), start))
+
+    # Back on the connection's thread
+
+    def _collect_training_result(self) -> None:
+        if self._pending is not None:
+            return
+        try:
+            self._pending = self._outbox.get_nowait()
+        except queue.Empty:
+            return
+        if self._training is not None:
+            self._training.join()
+        self._training = None
+
+    def _publish_pending(self) -> None:
+        if self._pending is None:
+            return
+        kind, body, start = self._pending
+        retrying = Retrying(
+            retry=retry_if_exception_type(UnroutableError),
+            wait=wait_random_exponential(multiplier=0.5, max=10),
+            stop=stop_after_attempt(self.settings.publish_attempts),
+            reraise=True,
+            sleep=self.broker.sleep,
+            before_sleep=lambda state: logger.warning(
+                "worker %s round %d: publish returned as unroutable [attempt %d/%d]; retrying",
+                self.worker_id, start.round, state.attempt_number, self.settings.publish_attempts,
+            ),
+        )
+        try:
+            retrying(self.broker.publish_result, self.worker_id, body)
+        except UnroutableError:
+            logger.error("worker %s round %d: the results queue does not exist; dropping the %s after %d attempts", self.worker_id, start.round, kind, self.settings.publish_attempts)
+        self._pending = None
+        self._training_key = None
+        self._answered.add((start.run_id, start.round, start.model_version))
+        if len(self._answered) > 1000:
+            self._answered = set(sorted(self._answered, key=lambda k: k[1])[-100:])
+        self.rounds_done += 1
+        logger.debug("worker %s round %d: %s confirmed by the broker (%d bytes)", self.worker_id, start.round, kind, len(body))
