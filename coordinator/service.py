@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.aggregation import WeightedSum, ZeroWeightError, apply_mean_delta
+from coordinator.aggregation import ZeroWeightError
 from coordinator.checkpoint import Checkpoint, RunState, encode_torch_rng, load_checkpoint, restore_torch_rng, save_checkpoint
 from coordinator.rounds import RoundState
-from coordinator.validation import NormGate, RejectedUpdate, decode_update, expected_tensors, update_norm
+from coordinator.strategies import ClientUpdate, Strategy, load_strategy
+from coordinator.validation import NormGate, RejectedUpdate, decode_aux, decode_update, expected_tensors, update_norm
 from fedmq.broker import CONNECTION_ERRORS, BrokerClient, BrokerSettings, Delivery, UnroutableError
 from fedmq.errors import CheckpointError, ConfigError, MessageError, RoundFailedError
 from fedmq.tasks import Task, load_task
@@ -69,6 +70,8 @@ class CoordinatorSettings:
     codec: str = "float16"
     lossless: str = "auto"
     seed: int = 0
+    strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     server_learning_rate: float = 1.0
     norm_outlier_factor: float = 50.0
     max_update_norm: float | None = None
@@ -137,13 +140,15 @@ class Coordinator:
     def __init__(self, settings: CoordinatorSettings, *, task: Task | None = None) -> None:
         self.settings = settings
         self.task = task or load_task(settings.task)
+        self.strategy: Strategy = load_strategy(
+            settings.strategy, server_learning_rate=settings.server_learning_rate, **settings.strategy_options
+        )
         self.broker = BrokerClient(settings.broker, client_name="fedmq-coordinator", stop_requested=lambda: self.stop_requested)
         self.limits = DecodeLimits(max_raw_bytes=settings.max_update_bytes)
         self.workers: dict[str, WorkerInfo] = {}
         self.history: list[dict[str, Any]] = []
         self.stop_requested = False
         self.current: RoundState | None = None
-        self._sum: WeightedSum | None = None
         self._gate: NormGate | None = None
         self._round_start_body: bytes | None = None
         self._round_start_expiry_ms: int | None = None
@@ -178,6 +183,7 @@ class Coordinator:
         if state.task != self.task.name:
             raise CheckpointError(f"checkpoint in {self.run_dir} is for task {state.task!r}, not {self.task.name!r}")
         self.global_state = checkpoint.model
+        self.strategy.load_state(checkpoint.strategy_tensors, state.strategy_scalars)
         self.run_id = state.run_id
         self.completed_rounds = state.completed_rounds
         self.model_version = state.model_version
@@ -272,7 +278,7 @@ class Coordinator:
             quorum_fraction=settings.quorum_fraction,
             deadline_unix=time.time() + settings.round_deadline_s,
         )
-        self._sum = WeightedSum({name: self.global_state[name] for name in self.expected})
+        self.strategy.begin_round({name: self.global_state[name] for name in self.expected})
         self._gate = NormGate(factor=settings.norm_outlier_factor, max_norm=settings.max_update_norm)
 
     def _run_round(self) -> None:
@@ -314,8 +320,9 @@ class Coordinator:
             model_version=self.model_version,
             task=self.task.name,
             deadline_unix=state.deadline_unix,
-            config=self.settings.train_config(),
+            config={**self.settings.train_config(), **self.strategy.round_config(state.round)},
             weights=encode_state(self.global_state),
+            aux=encode_state(self.strategy.round_aux(state.round, self.global_state)),
         )
         body = encode_message(message)
         self._round_start_body = body
@@ -347,13 +354,10 @@ class Coordinator:
         logger.info("run %s round %d: sent the open round to worker %s", self.run_id, state.round, worker_id)
 
     def _aggregate_round(self, state: RoundState) -> None:
-        assert self._sum is not None
         try:
-            mean = self._sum.mean()
+            self.global_state = self.strategy.finish_round(self.global_state)
         except ZeroWeightError as exc:
             logger.warning("run %s round %d: %s; the global model stays unchanged", self.run_id, state.round, exc)
-        else:
-            self.global_state = apply_mean_delta(self.global_state, mean, learning_rate=self.settings.server_learning_rate)
         self.model_version += 1
         self.completed_rounds = state.round
 
@@ -419,9 +423,11 @@ class Coordinator:
             finished=self.finished,
             numpy_rng_state=_jsonable(self.rng.bit_generator.state),
             torch_rng_state_b64=encode_torch_rng(),
+            strategy_scalars=self.strategy.state_scalars(),
             extra={"workers": {worker_id: asdict(info) for worker_id, info in self.workers.items()}},
         )
-        save_checkpoint(self.run_dir, Checkpoint(state=state, model=self.global_state, strategy_tensors={}))
+        checkpoint = Checkpoint(state=state, model=self.global_state, strategy_tensors=self.strategy.state_tensors())
+        save_checkpoint(self.run_dir, checkpoint)
 
     # Incoming messages
 
@@ -530,6 +536,7 @@ class Coordinator:
         # Decode and validate the tensors.
         try:
             decoded = decode_update(update, self.expected)
+            aux = decode_aux(update)
             norm = update_norm(decoded, self.expected)
             assert self._gate is not None
             self._gate.check(norm)
@@ -538,8 +545,9 @@ class Coordinator:
             return
 
         # Accept: add to the running weighted sum.
-        assert self._sum is not None
-        self._sum.add(decoded, float(update.num_samples))
+        self.strategy.add_update(
+            ClientUpdate(worker_id, update.num_samples, update.num_steps, decoded, aux=aux, metrics=update.metrics)
+        )
         self._gate.record(norm)
         state.accepted[worker_id] = update.num_samples
         state.failed.pop(worker_id, None)

@@ -119,3 +119,17 @@ class NormGate:
 
     def record(self, norm: float) -> None:
         self.norms.append(norm)
+
+
+def decode_aux(update: Update) -> dict[str, np.ndarray]:
+    """Decode an update's strategy tensors, rejecting any that fail to decode or hold NaN or Inf."""
+    decoded: dict[str, np.ndarray] = {}
+    for name, tensor in update.aux.items():
+        try:
+            values = wire_tensors.decode(tensor, name=f"aux/{name}")
+        except MessageError as exc:
+            raise RejectedUpdate("invalid_codec", str(exc)) from exc
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise RejectedUpdate("non_finite", f"strategy tensor {name!r} contains NaN or Inf")
+        decoded[name] = values
+    return decoded

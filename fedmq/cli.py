@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--codec", default="float16", help="uplink codec: float32, float16, bfloat16, q8, q4, topk[:fraction=F], topk_q8 (default: float16)")
     coordinator.add_argument("--lossless", choices=("auto", "none", "zstd"), default="auto", help="lossless stage on updates (default: auto, zstd where it saves 10%%)")
     coordinator.add_argument("--seed", type=int, default=0, help="seed of model initialisation and local training (default: 0)")
+    coordinator.add_argument("--strategy", default="fedavg", help="server-side strategy (default: fedavg)")
     coordinator.add_argument("--server-learning-rate", type=float, default=1.0, help="step size applied to the mean update (default: 1.0)")
     coordinator.add_argument("--max-update-norm", type=float, default=None, help="reject updates whose L2 norm exceeds this (default: no fixed bound)")
     _add_training_arguments(coordinator)
@@ -174,6 +175,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
         codec=args.codec,
         lossless=args.lossless,
         seed=args.seed,
+        strategy=args.strategy,
         server_learning_rate=args.server_learning_rate,
         max_update_norm=args.max_update_norm,
     )
