@@ -38,7 +38,17 @@ from fedmq.broker import CONNECTION_ERRORS, BrokerClient, BrokerSettings, Delive
 from fedmq.errors import CheckpointError, ConfigError, MessageError, RoundFailedError
 from fedmq.tasks import Task, load_task
 from schemas.codecs import CodecSpec
-from schemas.messages import DecodeLimits, Join, Leave, RoundStart, TrainingFailed, Update, decode_message, encode_message
+from schemas.messages import (
+    DecodeLimits,
+    Join,
+    Leave,
+    RoundStart,
+    ShardAssignment,
+    TrainingFailed,
+    Update,
+    decode_message,
+    encode_message,
+)
 from schemas.tensors import encode_state
 
 logger = logging.getLogger(__name__)
@@ -77,6 +87,7 @@ class CoordinatorSettings:
     max_update_norm: float | None = None
     max_update_bytes: int = 1 << 30
     worker_inactive_rounds: int = 3
+    shard_count: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -146,6 +157,7 @@ class Coordinator:
         self.broker = BrokerClient(settings.broker, client_name="fedmq-coordinator", stop_requested=lambda: self.stop_requested)
         self.limits = DecodeLimits(max_raw_bytes=settings.max_update_bytes)
         self.workers: dict[str, WorkerInfo] = {}
+        self.shard_assignments: dict[str, int] = {}
         self.history: list[dict[str, Any]] = []
         self.stop_requested = False
         self.current: RoundState | None = None
@@ -194,6 +206,7 @@ class Coordinator:
         restore_torch_rng(state.torch_rng_state_b64)
         for worker_id, info in state.extra.get("workers", {}).items():
             self.workers[worker_id] = WorkerInfo(**info)
+        self.shard_assignments = {str(k): int(v) for k, v in state.extra.get("shard_assignments", {}).items()}
         self.history = _read_history(self.run_dir / METRICS_FILE)
         logger.info(
             "run %s: resuming from checkpoint after round %d (model version %d)",
@@ -424,7 +437,10 @@ class Coordinator:
             numpy_rng_state=_jsonable(self.rng.bit_generator.state),
             torch_rng_state_b64=encode_torch_rng(),
             strategy_scalars=self.strategy.state_scalars(),
-            extra={"workers": {worker_id: asdict(info) for worker_id, info in self.workers.items()}},
+            extra={
+                "workers": {worker_id: asdict(info) for worker_id, info in self.workers.items()},
+                "shard_assignments": dict(self.shard_assignments),
+            },
         )
         checkpoint = Checkpoint(state=state, model=self.global_state, strategy_tensors=self.strategy.state_tensors())
         save_checkpoint(self.run_dir, checkpoint)
@@ -478,6 +494,9 @@ class Coordinator:
         if message.task != self.task.name:
             logger.warning("run %s: worker %s runs task %r, not %r; ignoring it", self.run_id, message.worker_id, message.task, self.task.name)
             return
+        if message.shard_count == 0:
+            self._assign_shard(message.worker_id)
+            return
         known = message.worker_id in self.workers
         info = self.workers.setdefault(message.worker_id, WorkerInfo(message.worker_id, time.time()))
         info.last_seen_unix = time.time()
@@ -486,6 +505,22 @@ class Coordinator:
             info.last_round = max(info.last_round, self.current.round - 1)
         logger.info("run %s: worker %s %s (%d samples); %d workers known", self.run_id, message.worker_id, "rejoined" if known else "joined", message.num_samples, len(self.workers))
         self._send_current_round_to(message.worker_id)
+
+    def _assign_shard(self, worker_id: str) -> None:
+        """Send a worker without a shard index the index it had before, or the next one in join order."""
+        count = self.settings.shard_count or max(1, self.settings.min_workers)
+        index = self.shard_assignments.get(worker_id)
+        if index is None:
+            index = len(self.shard_assignments) % count
+            self.shard_assignments[worker_id] = index
+        body = encode_message(ShardAssignment(worker_id=worker_id, shard_index=index, shard_count=count))
+        names = self.broker.topology
+        try:
+            self.broker.publish(names.rounds_exchange, names.worker_routing_key(worker_id), body)
+        except UnroutableError:
+            logger.warning("run %s: worker %s has no queue bound; cannot send its shard assignment", self.run_id, worker_id)
+            return
+        logger.info("run %s: assigned shard %d/%d to worker %s", self.run_id, index, count, worker_id)
 
     def _on_training_failed(self, message: TrainingFailed) -> None:
         state = self.current

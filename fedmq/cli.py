@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--min-updates", type=int, default=1, help="updates a round needs at its deadline (default: 1)")
     coordinator.add_argument("--quorum-fraction", type=float, default=1.0, help="a round closes early once this fraction of its workers replied (default: 1.0)")
     coordinator.add_argument("--round-deadline-s", type=float, default=60.0, help="seconds a round waits for updates (default: 60)")
+    coordinator.add_argument("--shard-count", type=int, default=0, help="data shards handed out to workers started with --shard auto (default: --min-workers)")
     coordinator.add_argument("--join-timeout-s", type=float, default=300.0, help="seconds to wait for --min-workers before starting anyway (default: 300)")
     coordinator.add_argument("--max-round-retries", type=int, default=2, help="re-issues of a round below --min-updates before the run fails (default: 2)")
     coordinator.add_argument("--codec", default="float16", help="uplink codec: float32, float16, bfloat16, q8, q4, topk[:fraction=F], topk_q8 (default: float16)")
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run one worker")
     worker.add_argument("--task", required=True, help="built-in task name (digits, mnist) or package.module:attr")
     worker.add_argument("--worker-id", default="auto", help="unique worker id; 'auto' derives it from the host name (default: auto)")
-    worker.add_argument("--shard", default="0/1", help="this worker's partition as INDEX/COUNT, or 'auto/COUNT' to take INDEX from the trailing number of the worker id (default: 0/1)")
+    worker.add_argument("--shard", default="0/1", help="this worker's data shard as INDEX/COUNT, or 'auto' to take the one the coordinator assigns in join order (default: 0/1)")
     worker.add_argument("--state-dir", type=Path, default=None, help="folder for the worker's state across restarts, such as codec residuals (default: none)")
     worker.add_argument("--threads", type=int, default=1, help="torch CPU threads for training (default: 1)")
     worker.add_argument("--max-steps", type=int, default=None, help="cap on local optimizer steps per round, for slow hardware")
@@ -128,23 +129,16 @@ def resolve_worker_id(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()) or "worker"
 
 
-def parse_shard(value: str, worker_id: str) -> tuple[int, int]:
-    """Parse ``INDEX/COUNT`` or ``auto/COUNT`` (index from the worker id's trailing number)."""
+def parse_shard(value: str) -> tuple[int, int]:
+    """Parse ``INDEX/COUNT``, or ``auto`` for a shard that the coordinator assigns (returned as ``(0, 0)``)."""
+    if value == "auto":
+        return 0, 0
     index_text, sep, count_text = value.partition("/")
-    if not sep or not count_text.isdigit():
-        raise ConfigError(f"--shard must be INDEX/COUNT or auto/COUNT, but got {value!r}")
-    count = int(count_text)
-    if index_text == "auto":
-        match = re.search(r"(\d+)$", worker_id)
-        if match is None:
-            raise ConfigError(f"--shard auto/{count} needs a worker id ending in a number, but got {worker_id!r}")
-        index = (int(match.group(1)) - 1) % count if int(match.group(1)) >= 1 else 0
-    elif index_text.isdigit():
-        index = int(index_text)
-    else:
-        raise ConfigError(f"--shard must be INDEX/COUNT or auto/COUNT, but got {value!r}")
-    if not 0 <= index < count:
-        raise ConfigError(f"--shard index must be in [0, {count}), but got {index}")
+    if not sep or not index_text.isdigit() or not count_text.isdigit():
+        raise ConfigError(f"--shard must be INDEX/COUNT or auto, but got {value!r}")
+    index, count = int(index_text), int(count_text)
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard index must be in [0, COUNT) with COUNT >= 1, but got {value!r}")
     return index, count
 
 
@@ -166,6 +160,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
         round_deadline_s=args.round_deadline_s,
         join_timeout_s=args.join_timeout_s,
         max_round_retries=args.max_round_retries,
+        shard_count=args.shard_count,
         local_epochs=_pick(args.local_epochs, defaults.local_epochs),
         learning_rate=_pick(args.learning_rate, defaults.learning_rate),
         batch_size=_pick(args.batch_size, defaults.batch_size),
@@ -194,7 +189,7 @@ def run_worker(args: argparse.Namespace) -> int:
     from worker.service import Worker, WorkerSettings
 
     worker_id = resolve_worker_id(args.worker_id)
-    shard_index, shard_count = parse_shard(args.shard, worker_id)
+    shard_index, shard_count = parse_shard(args.shard)
     settings = WorkerSettings(
         broker=broker_settings(args),
         task=args.task,

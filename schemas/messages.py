@@ -17,6 +17,9 @@ Kinds:
 - ``leave``: worker to coordinator, sent when a worker shuts down cleanly.
 - ``train_failed``: worker to coordinator, sent when the task's code raised during
   a round, so the coordinator counts a dropout at once instead of at the deadline.
+- ``shard_assignment``: coordinator to one worker, the answer to a Join whose
+  ``shard_count`` is 0. It names the data shard the worker trains on, for
+  deployments such as ``docker compose --scale`` where workers have no index.
 """
 
 from __future__ import annotations
@@ -184,7 +187,12 @@ class Update:
 
 @dataclass
 class Join:
-    """A worker announcing itself; ``model_version`` is the newest global model it holds, or -1."""
+    """A worker announcing itself.
+
+    ``model_version`` is the newest global model the worker holds, or -1.
+    ``shard_count`` is 0 while the worker waits for the coordinator to assign its
+    data shard, and the number of shards once it trains on one.
+    """
 
     KIND: ClassVar[str] = "join"
     FIELDS: ClassVar[dict[str, str]] = {
@@ -192,6 +200,7 @@ class Join:
         "task": _STR,
         "num_samples": _INT,
         "model_version": _INT,
+        "shard_count": _INT,
         "sent_unix": _FLOAT,
     }
 
@@ -199,11 +208,36 @@ class Join:
     task: str
     num_samples: int
     model_version: int = -1
+    shard_count: int = 1
     sent_unix: float = field(default_factory=time.time)
 
     def validate(self) -> None:
         if not self.worker_id:
             raise MessageError("join.worker_id", "a non-empty string", self.worker_id)
+        if self.shard_count < 0:
+            raise MessageError("join.shard_count", "a count >= 0", self.shard_count)
+
+
+@dataclass
+class ShardAssignment:
+    """The data shard ``shard_index`` of ``shard_count`` that one worker trains on."""
+
+    KIND: ClassVar[str] = "shard_assignment"
+    FIELDS: ClassVar[dict[str, str]] = {
+        "worker_id": _STR,
+        "shard_index": _INT,
+        "shard_count": _INT,
+        "sent_unix": _FLOAT,
+    }
+
+    worker_id: str
+    shard_index: int
+    shard_count: int
+    sent_unix: float = field(default_factory=time.time)
+
+    def validate(self) -> None:
+        if not 0 <= self.shard_index < self.shard_count:
+            raise MessageError("shard_assignment.shard_index", f"an index in [0, {self.shard_count})", self.shard_index)
 
 
 @dataclass
@@ -252,8 +286,10 @@ class TrainingFailed:
             raise MessageError("train_failed.worker_id", "a non-empty string", self.worker_id)
 
 
-Message = Union[RoundStart, Update, Join, Leave, TrainingFailed]
-MESSAGE_TYPES: dict[str, type] = {cls.KIND: cls for cls in (RoundStart, Update, Join, Leave, TrainingFailed)}
+Message = Union[RoundStart, Update, Join, Leave, TrainingFailed, ShardAssignment]
+MESSAGE_TYPES: dict[str, type] = {
+    cls.KIND: cls for cls in (RoundStart, Update, Join, Leave, TrainingFailed, ShardAssignment)
+}
 
 _TENSOR_GROUPS: dict[str, tuple[str, ...]] = {
     RoundStart.KIND: ("weights", "aux"),

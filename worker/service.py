@@ -32,7 +32,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from fedmq.broker import CONNECTION_ERRORS, BrokerClient, BrokerSettings, Delivery, UnroutableError
 from fedmq.errors import MessageError, PublishError
 from fedmq.tasks import PartitionSpec, Task, load_task
-from schemas.messages import DecodeLimits, Join, Leave, RoundStart, decode_message, encode_message
+from schemas.messages import DecodeLimits, Join, Leave, RoundStart, ShardAssignment, decode_message, encode_message
 from worker.training import LocalOverrides, LocalTrainer, failure_message
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ class WorkerSettings:
 
         if not self.worker_id or any(c in self.worker_id for c in " #*/"):
             raise ConfigError(f"worker_id must be a non-empty name without spaces, '#', '*' or '/', but got {self.worker_id!r}")
-        if not 0 <= self.shard_index < self.shard_count:
+        # shard_count 0 means that the coordinator assigns the shard when the worker joins.
+        if self.shard_count != 0 and not 0 <= self.shard_index < self.shard_count:
             raise ConfigError(f"shard must satisfy 0 <= index < count, but got {self.shard_index}/{self.shard_count}")
         if self.torch_threads < 1:
             raise ConfigError(f"torch_threads must be >= 1, but got {self.torch_threads}")
@@ -76,10 +77,11 @@ class Worker:
         self.worker_id = settings.worker_id
         self.task = task or load_task(settings.task)
         torch.set_num_threads(settings.torch_threads)
-        data = self.task.load_local_data(settings.shard_index, settings.shard_count, settings.partition)
-        overrides = LocalOverrides(settings.local_epochs, settings.max_steps, settings.time_budget_s)
-        self.trainer = LocalTrainer(self.task, data, worker_id=self.worker_id, state_dir=settings.state_dir, overrides=overrides)
-        self.num_samples = data.num_train
+        self.trainer: LocalTrainer | None = None
+        self.num_samples = 0
+        self.shard_count = 0
+        if settings.shard_count > 0:
+            self._load_shard(settings.shard_index, settings.shard_count)
         self.broker = BrokerClient(
             settings.broker, client_name=f"fedmq-worker-{self.worker_id}", stop_requested=lambda: self.stop_requested
         )
@@ -93,6 +95,14 @@ class Worker:
         self._next_start: RoundStart | None = None
         self._answered: set[tuple[str, int, int]] = set()
 
+    def _load_shard(self, shard_index: int, shard_count: int) -> None:
+        data = self.task.load_local_data(shard_index, shard_count, self.settings.partition)
+        overrides = LocalOverrides(self.settings.local_epochs, self.settings.max_steps, self.settings.time_budget_s)
+        self.trainer = LocalTrainer(self.task, data, worker_id=self.worker_id, state_dir=self.settings.state_dir, overrides=overrides)
+        self.num_samples = data.num_train
+        self.shard_count = shard_count
+        logger.info("worker %s: loaded shard %d/%d with %d training samples", self.worker_id, shard_index, shard_count, self.num_samples)
+
     # Lifecycle
 
     def install_signal_handlers(self) -> None:
@@ -105,7 +115,7 @@ class Worker:
 
     def run(self) -> None:
         """Serve rounds until stopped by a signal, or after ``exit_after_rounds`` rounds."""
-        logger.info("worker %s: starting with %d training samples, %r", self.worker_id, self.num_samples, self.settings.broker)
+        logger.info("worker %s: starting with %r", self.worker_id, self.settings.broker)
         self._connect()
         try:
             while not self._should_exit():
@@ -136,7 +146,13 @@ class Worker:
         self.broker.connect()
 
     def _announce(self) -> None:
-        join = Join(worker_id=self.worker_id, task=self.task.name, num_samples=self.num_samples, model_version=self.trainer.held_version)
+        join = Join(
+            worker_id=self.worker_id,
+            task=self.task.name,
+            num_samples=self.num_samples,
+            model_version=self.trainer.held_version if self.trainer is not None else -1,
+            shard_count=self.shard_count,
+        )
         try:
             self.broker.publish_result(self.worker_id, encode_message(join))
         except UnroutableError:
@@ -161,6 +177,9 @@ class Worker:
             self.broker.ack(delivery)
             return
         self.broker.ack(delivery)
+        if isinstance(message, ShardAssignment):
+            self._on_shard_assignment(message)
+            return
         if not isinstance(message, RoundStart):
             logger.warning("worker %s: discarded a %s message on its round queue", self.worker_id, message.KIND)
             return
@@ -179,8 +198,15 @@ class Worker:
             logger.info("worker %s: round %d replaces waiting round %d", self.worker_id, message.round, self._next_start.round)
         self._next_start = message
 
+    def _on_shard_assignment(self, message: ShardAssignment) -> None:
+        if message.worker_id != self.worker_id or self.trainer is not None:
+            logger.debug("worker %s: ignored a shard assignment for %s", self.worker_id, message.worker_id)
+            return
+        self._load_shard(message.shard_index, message.shard_count)
+        self._announce()
+
     def _start_next_round(self) -> None:
-        if self._training is not None or self._next_start is None or self._pending is not None:
+        if self._training is not None or self._next_start is None or self._pending is not None or self.trainer is None:
             return
         start, self._next_start = self._next_start, None
         key = (start.run_id, start.round, start.model_version)
