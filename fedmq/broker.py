@@ -40,6 +40,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+from tenacity.stop import stop_base
 
 from fedmq.errors import BrokerError, PayloadTooLargeError, PublishError
 
@@ -204,6 +205,16 @@ class _PartialPayload:
     routing_key: str = ""
 
 
+class _StopWhen(stop_base):
+    """Stops retrying once ``predicate`` returns True, such as after a shutdown signal."""
+
+    def __init__(self, predicate: Callable[[], bool]) -> None:
+        self.predicate = predicate
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.predicate()
+
+
 def _log_retry(what: str) -> Callable[[RetryCallState], None]:
     def log(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -238,7 +249,7 @@ class BrokerClient:
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._consumers: list[tuple[str, Callable[[Delivery], None], int]] = []
-        self._setup_steps: list[Callable[[], None]] = []
+        self._setup_steps: list[Callable[[], object]] = []
         self._partials: dict[str, _PartialPayload] = {}
         self._threadsafe_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._results_queue_type = "classic" if settings.classic_results_queue else "quorum"
@@ -269,7 +280,7 @@ class BrokerClient:
         retrying = Retrying(
             retry=retry_if_exception_type(CONNECTION_ERRORS),
             wait=wait_random_exponential(multiplier=0.5, max=self.settings.reconnect_max_wait_s),
-            stop=stop_after_delay(self.settings.reconnect_timeout_s) | (lambda state: self.stop_requested()),
+            stop=stop_after_delay(self.settings.reconnect_timeout_s) | _StopWhen(self.stop_requested),
             before_sleep=_log_retry(f"{self.client_name}: connecting to {redact_url(self.settings.url)}"),
             reraise=True,
         )
@@ -306,7 +317,7 @@ class BrokerClient:
             self._start_consumer(queue_name, callback, prefetch)
         logger.info("%s: connected to %s (connection %d)", self.client_name, redact_url(self.settings.url), self.epoch)
 
-    def add_setup_step(self, step: Callable[[], None]) -> None:
+    def add_setup_step(self, step: Callable[[], object]) -> None:
         """Run ``step`` after every connect, after the topology and before the consumers start."""
         self._setup_steps.append(step)
 

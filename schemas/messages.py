@@ -287,7 +287,7 @@ class TrainingFailed:
 
 
 Message = Union[RoundStart, Update, Join, Leave, TrainingFailed, ShardAssignment]
-MESSAGE_TYPES: dict[str, type] = {
+MESSAGE_TYPES: dict[str, Any] = {
     cls.KIND: cls for cls in (RoundStart, Update, Join, Leave, TrainingFailed, ShardAssignment)
 }
 

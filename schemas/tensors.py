@@ -89,6 +89,39 @@ def encode_raw(array: np.ndarray, dtype: str) -> WireTensor:
     return WireTensor(codec=RAW, shape=tuple(array.shape), dtype=dtype, arrays={"values": array.reshape(-1)})
 
 
+def check_layout(tensor: WireTensor, *, name: str = "tensor") -> None:
+    """Check that a travelling tensor's parts have the dtypes and lengths its codec and shape imply.
+
+    Reads no tensor values, so it costs nothing per element. ``raw`` tensors need one
+    part ``values`` of the dtype's part dtype with one element per entry of the shape.
+    Update codecs need a floating ``dtype``, valid params and exactly the parts that
+    ``codecs.part_layout`` lists. Raises CodecError naming the tensor and the field.
+    """
+    prefix = f"tensors.{name}."
+    if tensor.codec == RAW:
+        if tensor.dtype not in WIRE_DTYPES:
+            raise CodecError(prefix + "dtype", f"one of {sorted(WIRE_DTYPES)}", tensor.dtype)
+        layout = {"values": (WIRE_DTYPES[tensor.dtype], math.prod(tensor.shape))}
+    else:
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise CodecError(prefix + "dtype", f"one of {sorted(FLOAT_DTYPES)} for codec {tensor.codec!r}", tensor.dtype)
+        try:
+            layout = codecs.part_layout(tensor.codec, tensor.params, tensor.shape)
+        except CodecError as exc:
+            raise CodecError(prefix + exc.field, exc.expected, exc.got) from exc
+
+    if set(tensor.arrays) != set(layout):
+        raise CodecError(prefix + "parts", f"the parts {sorted(layout)}", sorted(tensor.arrays))
+    for part_name, (part_dtype, count) in layout.items():
+        part = tensor.arrays[part_name]
+        if part.dtype != part_dtype:
+            raise CodecError(f"{prefix}parts.{part_name}.dtype", part_dtype.name, part.dtype.name)
+        if part.size != count:
+            raise CodecError(
+                f"{prefix}parts.{part_name}.count", f"{count} elements for shape {list(tensor.shape)}", part.size
+            )
+
+
 def decode(tensor: WireTensor, *, name: str = "tensor") -> np.ndarray:
     """Decode a travelling tensor into an array of its shape.
 
@@ -101,18 +134,8 @@ def decode(tensor: WireTensor, *, name: str = "tensor") -> np.ndarray:
         except CodecError as exc:
             raise CodecError(f"tensors.{name}.{exc.field}", exc.expected, exc.got) from exc
 
-    if tensor.dtype not in WIRE_DTYPES:
-        raise CodecError(f"tensors.{name}.dtype", f"one of {sorted(WIRE_DTYPES)}", tensor.dtype)
-    if set(tensor.arrays) != {"values"}:
-        raise CodecError(f"tensors.{name}.parts", "exactly one part named 'values'", sorted(tensor.arrays))
-    values = tensor.arrays["values"]
-    expected_dtype = WIRE_DTYPES[tensor.dtype]
-    if values.dtype != expected_dtype:
-        raise CodecError(f"tensors.{name}.parts.values.dtype", str(expected_dtype), str(values.dtype))
-    count = math.prod(tensor.shape)
-    if values.size != count:
-        raise CodecError(f"tensors.{name}.parts.values.count", f"{count} elements for shape {list(tensor.shape)}", values.size)
-    return values.reshape(tensor.shape)
+    check_layout(tensor, name=name)
+    return tensor.arrays["values"].reshape(tensor.shape)
 
 
 def encode_state(state: Mapping[str, torch.Tensor]) -> dict[str, WireTensor]:

@@ -135,7 +135,9 @@ class Worker:
         try:
             body = encode_message(Leave(worker_id=self.worker_id, reason="shutdown"))
             self.broker.publish_result(self.worker_id, body)
-        except (PublishError, *CONNECTION_ERRORS) as exc:
+        except PublishError as exc:
+            logger.warning("worker %s: could not send the leave message: %r", self.worker_id, exc)
+        except CONNECTION_ERRORS as exc:
             logger.warning("worker %s: could not send the leave message: %r", self.worker_id, exc)
 
     def _connect(self) -> None:
@@ -218,6 +220,7 @@ class Worker:
     # Training thread
 
     def _train(self, start: RoundStart) -> None:
+        assert self.trainer is not None, "a round starts only after the shard is loaded"
         try:
             body, summary = self.trainer.run_round(start)
             logger.info(
