@@ -58,6 +58,12 @@ class WeightedSum:
         missing = self.names.difference(values)
         if missing:
             raise KeyError(f"update lacks tensors {sorted(missing)}")
+        for name, total in self._sums.items():
+            if tuple(np.shape(values[name])) != tuple(total.shape):
+                raise ValueError(
+                    f"tensor {name!r} must have shape {tuple(total.shape)}, but got {tuple(np.shape(values[name]))}; "
+                    "validate updates before adding them"
+                )
         self.count += 1
         if weight == 0:
             return
@@ -96,7 +102,10 @@ def apply_mean_delta(global_state: Mapping[str, torch.Tensor], mean: Mapping[str
         if name not in mean:
             new_state[name] = tensor.clone()
         elif tensor.is_floating_point():
-            updated = tensor.to(torch.float32) + learning_rate * mean[name]
+            # float64 tensors add in float64, so the global value keeps its precision;
+            # float16 and bfloat16 ones add in float32 and round once.
+            compute_dtype = torch.promote_types(tensor.dtype, torch.float32)
+            updated = tensor.to(compute_dtype) + learning_rate * mean[name].to(compute_dtype)
             new_state[name] = updated.to(tensor.dtype)
         else:
             new_state[name] = mean[name].to(tensor.dtype).clone()

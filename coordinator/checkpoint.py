@@ -101,16 +101,36 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         if not old.exists():
             return None
         old.rename(final)
-    try:
-        state_data = json.loads((final / STATE_FILE).read_text())
-        state = RunState(**state_data)
-        model = safetensors.torch.load_file(str(final / MODEL_FILE))
-        strategy_tensors = safetensors.torch.load_file(str(final / STRATEGY_FILE))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint in {final} is missing {Path(exc.filename or '').name}; remove {final} to start the run over") from exc
-    except (json.JSONDecodeError, TypeError, safetensors.SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint in {final} is corrupt ({exc}); remove {final} to start the run over") from exc
+    state = _load_state(final / STATE_FILE)
+    model = _load_tensors(final / MODEL_FILE)
+    strategy_tensors = _load_tensors(final / STRATEGY_FILE)
     return Checkpoint(state=state, model=model, strategy_tensors=strategy_tensors)
+
+
+def _load_state(path: Path) -> RunState:
+    hint = f"remove {path.parent} to start the run over"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint file {path} is missing; {hint}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is not valid JSON ({exc}); {hint}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint file {path} must hold a JSON object, but holds a {type(data).__name__}; {hint}")
+    try:
+        return RunState(**data)
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint file {path} does not hold a run state ({exc}); {hint}") from exc
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    hint = f"remove {path.parent} to start the run over"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing; {hint}")
+    try:
+        return safetensors.torch.load_file(str(path))
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is not a valid safetensors file ({exc}); {hint}") from exc
 
 
 def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

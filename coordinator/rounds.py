@@ -20,6 +20,12 @@ class RoundState:
     Deliveries of accepted updates are held in ``held`` and acked only after the
     round's checkpoint is written, so a coordinator crash before that point leaves
     them on the queue for its restart.
+
+    ``accepted_messages`` maps each accepted worker to the message id of its
+    update. Another update from that worker counts in ``duplicates``, except the
+    broker's redelivery of the accepted message itself after a lost connection,
+    which counts in ``redelivered``. ``failed`` holds the workers that reported a
+    training failure or left during the round, with the reason.
     """
 
     round: int
@@ -31,9 +37,11 @@ class RoundState:
     started_unix: float = field(default_factory=time.time)
     sent: set[str] = field(default_factory=set)
     accepted: dict[str, int] = field(default_factory=dict)
+    accepted_messages: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     rejected: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
+    redelivered: int = 0
     stale: int = 0
     other_run: int = 0
     held: list[Delivery] = field(default_factory=list)
@@ -72,11 +80,13 @@ class RoundState:
             "model_version": self.model_version,
             "sent": len(self.sent),
             "accepted": len(self.accepted),
+            "workers": sorted(self.accepted),
             "samples": sum(self.accepted.values()),
             "failed": dict(self.failed),
             "dropouts": self.missing,
             "rejected": dict(self.rejected),
             "duplicates": self.duplicates,
+            "redelivered": self.redelivered,
             "stale": self.stale,
             "other_run": self.other_run,
             "bytes_in": self.bytes_in,

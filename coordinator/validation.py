@@ -9,13 +9,13 @@ reason, which the coordinator counts and writes into the dead-letter header.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedmq.errors import MessageError
+from fedmq.errors import ConfigError, MessageError
 from schemas import tensors as wire_tensors
 from schemas.messages import Update
 
@@ -74,9 +74,12 @@ def decode_update(update: Update, expected: Mapping[str, ExpectedTensor]) -> dic
         except MessageError as exc:
             raise RejectedUpdate("invalid_codec", str(exc)) from exc
         if spec.is_floating:
-            values = wire_tensors.as_float32(values, tensor.dtype) if tensor.codec == wire_tensors.RAW else values
+            if tensor.codec == wire_tensors.RAW:
+                # float64 values beyond the float32 range become infinite here and are rejected below.
+                with np.errstate(over="ignore"):
+                    values = wire_tensors.as_float32(values, tensor.dtype)
             if not np.isfinite(values).all():
-                raise RejectedUpdate("non_finite", f"tensor {name!r} contains NaN or Inf")
+                raise RejectedUpdate("non_finite", f"tensor {name!r} contains NaN or Inf, or values beyond the float32 range")
         decoded[name] = values
     return decoded
 
@@ -94,27 +97,49 @@ def update_norm(decoded: Mapping[str, np.ndarray], expected: Mapping[str, Expect
 class NormGate:
     """Rejects updates whose norm is far beyond the others in the round.
 
-    An update is rejected when its norm exceeds ``max_norm`` (when set), or when at
-    least ``min_history`` norms were seen in the round and it exceeds
-    ``factor`` times their median.
+    An update is rejected when its norm exceeds ``max_norm`` (when set), or when it
+    exceeds ``factor`` times the median of the norms accepted so far in the round.
+    Until the round has ``min_history`` norms, the median of ``reference_norms``
+    (the previous round's accepted norms) is used instead, so an outlier that
+    arrives first in a round is caught too.
+
+    NOTE: in the first round of a run there is no reference, so the first
+    ``min_history`` updates pass unless ``max_norm`` is set.
     """
 
-    def __init__(self, *, factor: float = 50.0, max_norm: float | None = None, min_history: int = 2) -> None:
-        if factor <= 1:
-            raise ValueError(f"factor must be > 1, but got {factor}")
+    def __init__(
+        self,
+        *,
+        factor: float = 50.0,
+        max_norm: float | None = None,
+        min_history: int = 2,
+        reference_norms: Sequence[float] = (),
+    ) -> None:
+        if not factor > 1:
+            raise ConfigError(f"factor must be > 1, but got {factor!r}")
+        if max_norm is not None and not max_norm > 0:
+            raise ConfigError(f"max_norm must be > 0 or None, but got {max_norm!r}")
+        if isinstance(min_history, bool) or not isinstance(min_history, int) or min_history < 1:
+            raise ConfigError(f"min_history must be an int >= 1, but got {min_history!r}")
         self.factor = factor
         self.max_norm = max_norm
         self.min_history = min_history
+        self.reference_norms = [float(norm) for norm in reference_norms if math.isfinite(norm)]
         self.norms: list[float] = []
 
     def check(self, norm: float) -> None:
         if self.max_norm is not None and norm > self.max_norm:
             raise RejectedUpdate("norm_too_large", f"update norm {norm:.4g} exceeds the maximum {self.max_norm:.4g}")
         if len(self.norms) >= self.min_history:
-            median = float(np.median(self.norms))
+            history, source = self.norms, "this round's"
+        else:
+            history, source = self.reference_norms, "the previous round's"
+        if len(history) >= self.min_history:
+            median = float(np.median(history))
             if median > 0 and norm > self.factor * median:
                 raise RejectedUpdate(
-                    "norm_outlier", f"update norm {norm:.4g} exceeds {self.factor:g} times the round's median {median:.4g}"
+                    "norm_outlier",
+                    f"update norm {norm:.4g} exceeds {self.factor:g} times the median {median:.4g} of {source} {len(history)} accepted updates",
                 )
 
     def record(self, norm: float) -> None:

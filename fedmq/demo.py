@@ -2,7 +2,9 @@
 
 Without a broker URL the demo starts a private RabbitMQ node on loopback (its own
 port, node name and data folder, removed at exit). Each process logs to a file in
-the run folder; the demo prints one progress line per round and a summary.
+the run folder. The demo shows the live progress view (fedmq.progress), fed by the
+run folder's metrics.jsonl and the coordinator's metrics endpoint on a free loopback
+port, and prints a summary.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +22,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from fedmq.metrics import scrape
+from fedmq.progress import RunMonitor, open_progress
 from fedmq.rabbitmq_node import RabbitMQNode, RabbitMQNotInstalledError
 
 # Seconds the demo waits for a worker to exit after SIGTERM before it sends SIGKILL.
@@ -35,6 +40,14 @@ def _format_bytes(count: float) -> str:
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
         count /= 1024
     return f"{count:.1f} GiB"
+
+
+def _free_loopback_port() -> int:
+    # The port is free now; another process may take it before the coordinator binds
+    # it, and then the coordinator runs without metrics and the view shows completed rounds only.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _read_records(path: Path, seen: int) -> list[dict[str, Any]]:
@@ -72,6 +85,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     env = {**os.environ, "FEDMQ_BROKER_URL": url, "PYTHONUNBUFFERED": "1"}
     common = ["--task", args.task, "--federation", federation]
+    metrics_port = _free_loopback_port()
     coordinator_args = [
         "coordinator", *common,
         "--rounds", str(args.rounds),
@@ -81,8 +95,11 @@ def run_demo(args: argparse.Namespace) -> int:
         "--round-deadline-s", "30",
         "--codec", args.codec,
         "--seed", str(args.seed),
+        "--metrics-address", f"127.0.0.1:{metrics_port}",
+        "--progress", "off",
     ]
     processes: list[subprocess.Popen[bytes]] = []
+    monitor: RunMonitor | None = None
     try:
         coordinator_log = (logs / "coordinator.log").open("wb")
         coordinator = subprocess.Popen(_fedmq_command(*coordinator_args), env=env, stdout=coordinator_log, stderr=subprocess.STDOUT)
@@ -96,29 +113,28 @@ def run_demo(args: argparse.Namespace) -> int:
                 "--shards-per-worker", str(args.shards_per_worker),
                 "--data-seed", str(args.data_seed),
                 "--state-dir", str(run_dir / "workers" / f"worker-{index + 1}"),
+                "--metrics-address", "",
             ]
             log = (logs / f"worker-{index + 1}.log").open("wb")
             processes.append(subprocess.Popen(_fedmq_command(*worker_args), env=env, stdout=log, stderr=subprocess.STDOUT))
         print(f"started 1 coordinator and {workers} workers on task {args.task} ({args.partition}, alpha {args.alpha}); logs in {logs}")
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        print(f"coordinator metrics at {metrics_url}", flush=True)
 
-        # Progress: one line per finished round.
-        seen = 0
-        metrics_path = run_dir / "metrics.jsonl"
+        # Progress: the live view, or one line per finished round when stdout is not a terminal.
+        view = open_progress(args.progress, title=f"fedmq demo: task {args.task}, {workers} workers")
+        if view is not None:
+            monitor = RunMonitor(view, run_dir, lambda: scrape(metrics_url, timeout_s=0.5), rounds_planned=args.rounds)
         while True:
             exit_code = coordinator.poll()
-            for record in _read_records(metrics_path, seen):
-                seen += 1
-                evaluation = record.get("eval", {})
-                print(
-                    f"round {record['round']:>3}/{args.rounds}  accuracy {evaluation.get('accuracy', float('nan')):.4f}  "
-                    f"loss {evaluation.get('loss', float('nan')):.4f}  updates {record['accepted']}/{record['sent']}  "
-                    f"dropouts {len(record['dropouts'])}  {record['duration_s']:.2f} s",
-                    flush=True,
-                )
+            if monitor is not None:
+                monitor.poll()
             if exit_code is not None:
                 break
-            time.sleep(0.2)
+            time.sleep(0.25)
     finally:
+        if monitor is not None:
+            monitor.stop()
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -36,6 +36,7 @@ import math
 import numbers
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import safetensors
 import safetensors.numpy
+import torch
 
 from fedmq.errors import CheckpointError, CodecError, ConfigError
 
@@ -306,8 +308,29 @@ def _check_parts(arrays: object, layout: Mapping[str, tuple[np.dtype, int]], cod
 # Content checks on parts whose dtype and length are already valid
 
 
+def all_finite(values: np.ndarray) -> bool:
+    """Return whether every value of a float16, float32 or float64 array is finite.
+
+    float32 and float64 take one BLAS pass: a dot product of the values with themselves
+    is finite only if every value is, because each term is a square and NaN and
+    infinity propagate. When the squares of large finite values overflow, the exact
+    elementwise check decides. float16 values are checked on their exponent bits.
+    """
+    flat = values.reshape(-1)
+    if flat.size == 0:
+        return True
+    if flat.dtype == np.float16:
+        exponents = np.bitwise_and(flat.view(np.uint16), np.uint16(0x7C00))
+        return int(exponents.max()) != 0x7C00
+    if flat.dtype in (np.float32, np.float64):
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.dot(flat, flat)):
+                return True
+    return bool(np.isfinite(flat).all())
+
+
 def _check_finite(part: np.ndarray, field: str) -> None:
-    if not np.isfinite(part).all():
+    if not all_finite(part):
         raise CodecError(field, "finite values", f"{np.count_nonzero(~np.isfinite(part))} non-finite values")
 
 
@@ -422,7 +445,7 @@ def encode(
     # Float64 values beyond the float32 range become infinite here and are rejected below.
     with np.errstate(over="ignore"):
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    if not np.isfinite(flat).all():
+    if not all_finite(flat):
         bad = np.count_nonzero(~np.isfinite(flat))
         raise CodecError("values", "finite values within the float32 range", f"{bad} non-finite values")
 
@@ -434,9 +457,9 @@ def _encode_flat(flat: np.ndarray, spec: CodecSpec, rng: np.random.Generator) ->
     if spec.name == "float32":
         return {"values": flat}
     if spec.name == "float16":
-        return {"values": np.clip(flat, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)}
+        return {"values": _to_float16(flat)}
     if spec.name == "bfloat16":
-        return {"values": bf16_from_float32(np.clip(flat, -BFLOAT16_MAX, BFLOAT16_MAX))}
+        return {"values": _to_bfloat16_bits(flat)}
     if spec.name == "q8":
         scales, codes = quantize(flat, levels=_LEVELS["q8"], block_size=spec.block_size, rng=rng)
         return {"scales": scales, "codes": codes}
@@ -450,6 +473,25 @@ def _encode_flat(flat: np.ndarray, spec: CodecSpec, rng: np.random.Generator) ->
         return {"indices": indices, "values": kept}
     scales, codes = quantize(kept, levels=_LEVELS["q8"], block_size=spec.block_size, rng=rng)
     return {"indices": indices, "scales": scales, "codes": codes}
+
+
+def _to_float16(flat: np.ndarray) -> np.ndarray:
+    # torch converts with the CPU's vector instructions, several times faster than numpy.
+    # Finite values beyond +-65504 become infinite there, so those inputs are clipped first.
+    half = _read_only_torch(flat).to(torch.float16).numpy()
+    if all_finite(half):
+        return half
+    return torch.from_numpy(np.clip(flat, -FLOAT16_MAX, FLOAT16_MAX)).to(torch.float16).numpy()
+
+
+def _to_bfloat16_bits(flat: np.ndarray) -> np.ndarray:
+    # torch rounds float32 to bfloat16 to nearest even, as bf16_from_float32 does for
+    # finite values. Values that round beyond the largest bfloat16 are clipped first.
+    bits = _read_only_torch(flat).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    exponents = np.bitwise_and(bits, np.uint16(0x7F80))
+    if bits.size == 0 or int(exponents.max()) != 0x7F80:
+        return bits
+    return bf16_from_float32(np.clip(flat, -BFLOAT16_MAX, BFLOAT16_MAX))
 
 
 def quantize(
@@ -577,10 +619,14 @@ def decode(
 def _decode_into(
     codec: str, params: Mapping[str, int | float], parts: Mapping[str, np.ndarray], result: np.ndarray
 ) -> None:
-    if codec in ("float32", "float16"):
+    if codec == "float32":
         result[...] = parts["values"]
+    elif codec == "float16":
+        # torch converts float16 with vector instructions, about twice as fast as numpy.
+        torch.from_numpy(result).copy_(_read_only_torch(parts["values"]))
     elif codec == "bfloat16":
-        result[...] = float32_from_bf16(parts["values"])
+        bits = _read_only_torch(parts["values"].view(np.int16)).view(torch.bfloat16)
+        torch.from_numpy(result).copy_(bits)
     elif codec in ("q8", "q4"):
         codes = parts["codes"] if codec == "q8" else unpack_nibbles(parts["codes"], result.size)
         dequantize(parts["scales"], codes, levels=_LEVELS[codec], block_size=int(params["block_size"]), out=result)
@@ -602,8 +648,32 @@ def dequantize(
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Return ``code * scale / levels`` as float32, the inverse of quantize()."""
-    steps = np.repeat(scales / np.float32(levels), block_size)[: codes.size]
-    return np.multiply(codes, steps, out=out, dtype=np.float32)
+    count = codes.size
+    result = np.empty(count, dtype=np.float32) if out is None else out
+    steps = scales / np.float32(levels)
+    # Whole blocks multiply against one step per row in a single pass, without
+    # expanding the steps to one per value.
+    whole = count // block_size * block_size
+    if whole:
+        np.multiply(
+            codes[:whole].reshape(-1, block_size),
+            steps[: whole // block_size, None],
+            out=result[:whole].reshape(-1, block_size),
+            dtype=np.float32,
+        )
+    if whole < count:
+        np.multiply(codes[whole:], steps[-1], out=result[whole:], dtype=np.float32)
+    return result
+
+
+def _read_only_torch(array: np.ndarray) -> torch.Tensor:
+    """Wrap an array, possibly read-only, as a torch tensor that is only ever read."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    # torch warns on non-writable buffers because writes would be undefined; this one is an operand only.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 # Error feedback

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from fedmq.errors import MessageError
+from schemas.tensors import check_layout
 from schemas.wire import Frame, WireTensor, pack_frame, unpack_frame
 
 SCHEMA_VERSION = 1
@@ -323,15 +324,18 @@ def encode_message(message: Message, *, lossless_method: str = "none") -> bytes:
 def decode_message(body: bytes | bytearray | memoryview, limits: DecodeLimits = DecodeLimits()) -> Message:
     """Decode and validate one frame; raises MessageError naming the field that is wrong."""
     frame: Frame = unpack_frame(body, max_raw_bytes=limits.max_raw_bytes, max_elements=limits.max_elements)
+    # The schema version comes first: a newer schema may also bring new kinds.
+    if frame.schema != SCHEMA_VERSION:
+        raise MessageError("schema", f"schema version {SCHEMA_VERSION}", frame.schema)
     message_type = MESSAGE_TYPES.get(frame.kind)
     if message_type is None:
         raise MessageError("kind", f"one of {sorted(MESSAGE_TYPES)}", frame.kind)
-    if frame.schema != SCHEMA_VERSION:
-        raise MessageError("schema", f"schema version {SCHEMA_VERSION}", frame.schema)
 
     fields = _check_fields(frame.kind, frame.fields, message_type.FIELDS)
     groups = _TENSOR_GROUPS.get(frame.kind, ())
     if groups:
+        for name, tensor in frame.tensors.items():
+            check_layout(tensor, name=name)
         fields.update(_split_tensors(frame.kind, frame.tensors, groups))
     elif frame.tensors:
         raise MessageError(f"{frame.kind}.tensors", "no tensors", sorted(frame.tensors))

@@ -269,7 +269,7 @@ def _parse_tensor(
         if not isinstance(spec, list) or len(spec) != 3:
             raise MessageError(part_field, "[dtype, offset, count]", spec)
         dtype_name, offset, count = spec
-        if dtype_name not in PART_DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in PART_DTYPES:
             raise MessageError(part_field + ".dtype", f"one of {sorted(PART_DTYPES)}", dtype_name)
         for label, value in (("offset", offset), ("count", count)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

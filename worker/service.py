@@ -22,6 +22,7 @@ import queue
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -30,9 +31,12 @@ import torch
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from fedmq.broker import CONNECTION_ERRORS, BrokerClient, BrokerSettings, Delivery, UnroutableError
-from fedmq.errors import MessageError, PublishError
+from fedmq.errors import MessageError, PayloadTooLargeError, PublishError
+from fedmq.logging_setup import log_context, set_log_context
+from fedmq.metrics import WorkerMetrics
 from fedmq.tasks import PartitionSpec, Task, load_task
 from schemas.messages import DecodeLimits, Join, Leave, RoundStart, ShardAssignment, decode_message, encode_message
+from worker.privacy import SamplePrivacy, SamplePrivacySettings
 from worker.training import LocalOverrides, LocalTrainer, failure_message
 
 logger = logging.getLogger(__name__)
@@ -56,6 +60,10 @@ class WorkerSettings:
     max_round_bytes: int = 1 << 30
     publish_attempts: int = 20
     exit_after_rounds: int | None = None
+    # False for a worker provisioned on a locked-down broker: its queue, bindings and
+    # the federation's exchanges exist already, and it may not declare them.
+    declare_topology: bool = True
+    sample_privacy: SamplePrivacySettings | None = None
 
     def __post_init__(self) -> None:
         from fedmq.errors import ConfigError
@@ -83,8 +91,14 @@ class Worker:
         if settings.shard_count > 0:
             self._load_shard(settings.shard_index, settings.shard_count)
         self.broker = BrokerClient(
-            settings.broker, client_name=f"fedmq-worker-{self.worker_id}", stop_requested=lambda: self.stop_requested
+            settings.broker,
+            client_name=f"fedmq-worker-{self.worker_id}",
+            declare=settings.declare_topology,
+            stop_requested=lambda: self.stop_requested,
         )
+        # The broker checks this user_id against the connection's user, so the
+        # coordinator can tell who sent each message (see --require-user-id).
+        self.broker.user_id = self.broker.username
         self.limits = DecodeLimits(max_raw_bytes=settings.max_round_bytes)
         self.stop_requested = False
         self.rounds_done = 0
@@ -94,11 +108,16 @@ class Worker:
         self._training_key: tuple[str, int, int] | None = None
         self._next_start: RoundStart | None = None
         self._answered: set[tuple[str, int, int]] = set()
+        self._pending_message_id: str | None = None
+        self.metrics = WorkerMetrics()
+        self.metrics.bind(worker_id=self.worker_id, task=self.task.name, federation=settings.broker.federation, broker=self.broker)
 
     def _load_shard(self, shard_index: int, shard_count: int) -> None:
         data = self.task.load_local_data(shard_index, shard_count, self.settings.partition)
         overrides = LocalOverrides(self.settings.local_epochs, self.settings.max_steps, self.settings.time_budget_s)
         self.trainer = LocalTrainer(self.task, data, worker_id=self.worker_id, state_dir=self.settings.state_dir, overrides=overrides)
+        if self.settings.sample_privacy is not None:
+            self.trainer.sample_privacy = SamplePrivacy(self.settings.sample_privacy, state_dir=self.settings.state_dir)
         self.num_samples = data.num_train
         self.shard_count = shard_count
         logger.info("worker %s: loaded shard %d/%d with %d training samples", self.worker_id, shard_index, shard_count, self.num_samples)
@@ -115,6 +134,10 @@ class Worker:
 
     def run(self) -> None:
         """Serve rounds until stopped by a signal, or after ``exit_after_rounds`` rounds."""
+        with log_context(worker_id=self.worker_id):
+            self._serve()
+
+    def _serve(self) -> None:
         logger.info("worker %s: starting with %r", self.worker_id, self.settings.broker)
         self._connect()
         try:
@@ -142,17 +165,21 @@ class Worker:
 
     def _connect(self) -> None:
         queue_name = self.broker.topology.worker_queue(self.worker_id)
-        self.broker.add_setup_step(lambda: self.broker.declare_worker_queue(self.worker_id))
+        if self.settings.declare_topology:
+            self.broker.add_setup_step(lambda: self.broker.declare_worker_queue(self.worker_id))
         self.broker.add_setup_step(self._announce)
         self.broker.consume(queue_name, self._on_delivery, prefetch=8)
         self.broker.connect()
 
-    def _announce(self) -> None:
+    def _announce(self, model_version: int | None = None) -> None:
+        """Send a Join; ``model_version`` overrides the held version that it reports."""
+        if model_version is None:
+            model_version = self.trainer.held_version if self.trainer is not None else -1
         join = Join(
             worker_id=self.worker_id,
             task=self.task.name,
             num_samples=self.num_samples,
-            model_version=self.trainer.held_version if self.trainer is not None else -1,
+            model_version=model_version,
             shard_count=self.shard_count,
         )
         try:
@@ -172,6 +199,10 @@ class Worker:
             self.broker.reconnect(exc)
 
     def _on_delivery(self, delivery: Delivery) -> None:
+        with log_context(message_id=delivery.message_id or None):
+            self._handle_delivery(delivery)
+
+    def _handle_delivery(self, delivery: Delivery) -> None:
         try:
             message = decode_message(delivery.body, self.limits)
         except MessageError as exc:
@@ -195,9 +226,18 @@ class Worker:
         if message.deadline_unix < time.time():
             logger.warning("worker %s: discarded round %d of run %s, whose deadline has passed", self.worker_id, message.round, message.run_id)
             return
-        # Only the newest round start waits; an older one waiting is dropped.
-        if self._next_start is not None:
-            logger.info("worker %s: round %d replaces waiting round %d", self.worker_id, message.round, self._next_start.round)
+        waiting = self._next_start
+        if waiting is not None and (waiting.run_id, waiting.round, waiting.model_version) == key and message.weights_kind == "delta":
+            # The same round waits already, in full or as a delta; another delta adds nothing.
+            logger.debug("worker %s: round %d (attempt %d) is already waiting", self.worker_id, message.round, message.attempt)
+            return
+        # Only the newest round start waits: an older one waiting is dropped, and an
+        # older one arriving (a backlog after an absence) is discarded.
+        if waiting is not None and waiting.run_id == message.run_id and (message.round, message.model_version) < (waiting.round, waiting.model_version):
+            logger.info("worker %s: discarded round %d, which is older than the waiting round %d", self.worker_id, message.round, waiting.round)
+            return
+        if waiting is not None:
+            logger.info("worker %s: round %d replaces waiting round %d", self.worker_id, message.round, waiting.round)
         self._next_start = message
 
     def _on_shard_assignment(self, message: ShardAssignment) -> None:
@@ -208,11 +248,30 @@ class Worker:
         self._announce()
 
     def _start_next_round(self) -> None:
+        if self.stop_requested and self._next_start is not None:
+            logger.info("worker %s: stopping, so round %d is not started", self.worker_id, self._next_start.round)
+            self._next_start = None
         if self._training is not None or self._next_start is None or self._pending is not None or self.trainer is None:
             return
+        # Round starts still queued are newer than the waiting one. Draining them first
+        # means a worker back from an absence trains only the newest round of its backlog.
+        if self.broker.queue_depth(self.broker.topology.worker_queue(self.worker_id)) > 0:
+            return
         start, self._next_start = self._next_start, None
+
+        # A delta needs the model it was computed against; without it, ask for the full model.
+        # No training runs here, so the trainer's held model is settled.
+        if not self.trainer.holds_weights_for(start):
+            held = self.trainer.version_held_for(start.run_id)
+            logger.info(
+                "worker %s: round %d carries a delta from model version %d, but this worker holds version %d; asking for the full model",
+                self.worker_id, start.round, start.base_version, held,
+            )
+            self._announce(held)
+            return
         key = (start.run_id, start.round, start.model_version)
         self._training_key = key
+        set_log_context(run_id=start.run_id, round=start.round)
         logger.info("worker %s: training round %d of run %s (attempt %d, model version %d)", self.worker_id, start.round, start.run_id, start.attempt, start.model_version)
         self._training = threading.Thread(target=self._train, args=(start,), name=f"train-{self.worker_id}", daemon=True)
         self._training.start()
@@ -220,6 +279,11 @@ class Worker:
     # Training thread
 
     def _train(self, start: RoundStart) -> None:
+        # A new thread starts with an empty log context.
+        with log_context(worker_id=self.worker_id, run_id=start.run_id, round=start.round):
+            self._train_round(start)
+
+    def _train_round(self, start: RoundStart) -> None:
         assert self.trainer is not None, "a round starts only after the shard is loaded"
         try:
             body, summary = self.trainer.run_round(start)
@@ -227,8 +291,10 @@ class Worker:
                 "worker %s round %d: trained %d steps on %d samples in %.2f s, update %d bytes",
                 self.worker_id, start.round, summary["num_steps"], summary["num_samples"], summary["train_time_s"], summary["bytes"],
             )
+            self.metrics.round_trained(float(summary["train_time_s"]))
             self._outbox.put(("update", body, start))
         except (Exception, MemoryError) as exc:
+            self.metrics.training_failed()
             logger.error("worker %s round %d: training failed", self.worker_id, start.round, exc_info=True)
             self._outbox.put(("failure", failure_message(start, self.worker_id, exc), start))
 
@@ -246,28 +312,65 @@ class Worker:
         self._training = None
 
     def _publish_pending(self) -> None:
+        """Publish the training result, retrying until the broker confirms it.
+
+        A lost connection propagates to ``_step``, which reconnects. The result stays
+        pending and goes out again with the same message id, so the coordinator can
+        tell the broker's redelivery from a second update. A returned (unroutable)
+        publish declares the topology again, and a returned or nacked publish is
+        retried up to ``publish_attempts`` times while the round's deadline has not
+        passed. After that the result is dropped with an error, and the coordinator
+        counts this worker as a dropout of the round.
+        """
         if self._pending is None:
             return
         kind, body, start = self._pending
+        if self._pending_message_id is None:
+            self._pending_message_id = uuid.uuid4().hex
+        message_id = self._pending_message_id
+        attempts = self.settings.publish_attempts
+
+        def publish() -> None:
+            try:
+                self.broker.publish_result(self.worker_id, body, message_id=message_id)
+            except UnroutableError:
+                # The results queue or its binding is gone; declare them again before the retry.
+                if self.settings.declare_topology:
+                    self.broker.declare_topology()
+                raise
+
         retrying = Retrying(
-            retry=retry_if_exception_type(UnroutableError),
+            retry=retry_if_exception_type(PublishError),
             wait=wait_random_exponential(multiplier=0.5, max=10),
-            stop=stop_after_attempt(self.settings.publish_attempts),
+            stop=stop_after_attempt(attempts) | (lambda state: time.time() > start.deadline_unix),
             reraise=True,
             sleep=self.broker.sleep,
             before_sleep=lambda state: logger.warning(
-                "worker %s round %d: publish returned as unroutable [attempt %d/%d]; retrying",
-                self.worker_id, start.round, state.attempt_number, self.settings.publish_attempts,
+                "worker %s round %d: publishing the %s %s failed [attempt %d/%d]: %s; retrying in %.1f s",
+                self.worker_id, start.round, kind, message_id, state.attempt_number, attempts,
+                state.outcome.exception() if state.outcome else None, state.next_action.sleep if state.next_action else 0.0,
             ),
         )
         try:
-            retrying(self.broker.publish_result, self.worker_id, body)
-        except UnroutableError:
-            logger.error("worker %s round %d: the results queue does not exist; dropping the %s after %d attempts", self.worker_id, start.round, kind, self.settings.publish_attempts)
+            retrying(publish)
+        except PayloadTooLargeError as exc:
+            # The coordinator learns of the failure at once instead of at the deadline.
+            logger.error("worker %s round %d: %s; reporting a training failure instead", self.worker_id, start.round, exc)
+            self._pending = ("failure", failure_message(start, self.worker_id, exc), start)
+            self._pending_message_id = None
+            return
+        except PublishError as exc:
+            logger.error(
+                "worker %s round %d: dropping the %s %s (%d bytes) after %d attempts or past the round's deadline: %s; "
+                "the coordinator counts this worker as a dropout",
+                self.worker_id, start.round, kind, message_id, len(body), attempts, exc,
+            )
+        else:
+            logger.info("worker %s round %d: %s %s confirmed by the broker (%d bytes)", self.worker_id, start.round, kind, message_id, len(body))
+        self._pending_message_id = None
         self._pending = None
         self._training_key = None
         self._answered.add((start.run_id, start.round, start.model_version))
         if len(self._answered) > 1000:
             self._answered = set(sorted(self._answered, key=lambda k: k[1])[-100:])
         self.rounds_done += 1
-        logger.debug("worker %s round %d: %s confirmed by the broker (%d bytes)", self.worker_id, start.round, kind, len(body))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from coordinator.downlink import apply_model_delta
+from fedmq.errors import ConfigError, FedmqError
+from coordinator.strategies.common import EVAL_EVERY_KEY, LOCAL_TEST_SAMPLES, PERSONAL_LAYERS_KEY, parse_patterns, split_personal
 from fedmq.tasks import LocalData, Task, TrainConfig
 from schemas import codecs
 from schemas import tensors as wire_tensors
 from schemas.messages import RoundStart, TrainingFailed, Update, encode_message
 from schemas.wire import WireTensor
+from worker.privacy import SamplePrivacy, privatize_trained_state
+from worker.strategies import HookRound, PersonalLayers, StrategyHook, hook_for
 
 logger = logging.getLogger(__name__)
 
 # Round-start config keys that map onto TrainConfig fields.
 _TRAIN_KEYS = ("local_epochs", "learning_rate", "batch_size", "momentum", "weight_decay", "proximal_mu", "max_steps", "time_budget_s")
+
+
+class MissingBaseModelError(FedmqError):
+    """A round start carries a delta against a model version that this worker does not hold."""
 
 
 @dataclass
@@ -55,8 +65,28 @@ def train_config_from(start: RoundStart, worker_id: str, overrides: LocalOverrid
     return TrainConfig(**values)
 
 
+@dataclass
+class RoundPlan:
+    """How one round starts on this worker, before local training.
+
+    ``shared_start`` holds the shared tensors the model starts from (the received
+    global ones, or the chosen cluster model under IFCA), and ``model_state`` the
+    whole state dict, with the worker's own personal tensors. ``aux`` holds the
+    strategy tensors the update carries and ``metrics`` the local evaluation.
+    """
+
+    train_config: TrainConfig
+    hook: StrategyHook
+    hook_round: HookRound
+    patterns: tuple[str, ...]
+    shared_start: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor]
+    aux: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
 class LocalTrainer:
-    """The worker's model, data and error-feedback state across rounds."""
+    """The worker's model, data, personal layers, strategy hooks and error-feedback state across rounds."""
 
     def __init__(self, task: Task, data: LocalData, *, worker_id: str, state_dir: Path | None, overrides: LocalOverrides) -> None:
         self.task = task
@@ -69,7 +99,12 @@ class LocalTrainer:
         if state_dir is not None:
             state_dir.mkdir(parents=True, exist_ok=True)
             self.error_feedback = codecs.ErrorFeedback.load(self._feedback_path)
+        self.personal = PersonalLayers(state_dir)
+        self.hooks: dict[str, StrategyHook] = {}
+        self._initial_states: dict[int, dict[str, torch.Tensor]] = {}
         self.held_version = -1
+        # Set by the worker to train with DP-SGD instead of the task's training.
+        self.sample_privacy: SamplePrivacy | None = None
 
     @property
     def _feedback_path(self) -> Path:
@@ -79,24 +114,39 @@ class LocalTrainer:
     def run_round(self, start: RoundStart) -> tuple[bytes, dict[str, Any]]:
         """Train on one round start and return the encoded Update and a summary for the log."""
         started = time.monotonic()
-        global_state = wire_tensors.decode_state(start.weights)
-        self.model.load_state_dict(global_state)
+        plan = self.plan_round(start)
+        config = plan.train_config
+        self.model.load_state_dict(plan.model_state)
         self.held_version = start.model_version
-        config = train_config_from(start, self.worker_id, self.overrides)
+
+        # Local training, with the strategy's gradient hook.
         torch.manual_seed(config.seed)
-
         global_params = {name: tensor.detach().clone() for name, tensor in self.model.named_parameters()} if config.proximal_mu > 0 else None
-        result = self.task.train(self.model, self.data, config, global_params=global_params)
+        gradient_hook = plan.hook.gradient_hook(plan.hook_round, self.model)
+        if self.sample_privacy is not None:
+            if gradient_hook is not None:
+                raise ConfigError("DP-SGD cannot run with the strategy's gradient hook, because per-sample clipping would not cover it")
+            result = self.sample_privacy.train(self.task, self.model, self.data, config)
+        else:
+            result = self.task.train(self.model, self.data, config, global_params=global_params, gradient_hook=gradient_hook)
         trained = self.model.state_dict()
+        _, personal = split_personal(trained, plan.patterns)
+        self.personal.store(personal)
+        hook_aux, hook_metrics = plan.hook.finish(plan.hook_round, self.model, plan.shared_start, result)
+        # DP-FedAvg with worker placement: clip the shared update and add this worker's noise share.
+        trained, privacy_metrics = privatize_trained_state(plan.shared_start, trained, start.config)
 
-        # Encode: floating tensors as compressed deltas, the rest exactly.
+        # Encode: shared floating tensors as compressed deltas, the rest exactly.
         codec_spec = codecs.CodecSpec.parse(str(start.config.get("codec", "float16")))
         rng = np.random.default_rng(config.seed)
-        deltas = self._encode_deltas(global_state, trained, codec_spec, rng)
+        deltas = self._encode_deltas(plan.shared_start, trained, codec_spec, rng)
         if self.state_dir is not None and codec_spec.name not in ("float32",):
             self.error_feedback.save(self._feedback_path)
 
         metrics = {key: float(value) for key, value in result.metrics.items()}
+        metrics.update(hook_metrics)
+        metrics.update(plan.metrics)
+        metrics.update(privacy_metrics)
         metrics["train_time_s"] = round(time.monotonic() - started, 4)
         update = Update(
             run_id=start.run_id,
@@ -109,10 +159,81 @@ class LocalTrainer:
             metrics=metrics,
             deltas=deltas,
             codec=codec_spec.to_text(),
+            aux=wire_tensors.encode_state({**plan.aux, **hook_aux}),
         )
         body = encode_message(update, lossless_method=str(start.config.get("lossless", "auto")))
         summary = {"num_samples": result.num_samples, "num_steps": result.num_steps, "bytes": len(body), **metrics}
         return body, summary
+
+    def plan_round(self, start: RoundStart, *, evaluate: bool | None = None) -> RoundPlan:
+        """Decode a round start, pick the start state and run the local evaluation when it is due.
+
+        The evaluation is due when the round start's ``eval_every`` is above 0 and
+        divides its model version; ``evaluate`` overrides that. It measures, on the
+        local test split, the model the federation gives this worker (metrics
+        ``local_loss`` and ``local_accuracy``) and, with personal layers, the same
+        shared tensors with this worker's personal tensors (``personal_loss`` and
+        ``personal_accuracy``). The model is left holding the last state evaluated.
+        """
+        config = train_config_from(start, self.worker_id, self.overrides)
+        patterns = parse_patterns(str(start.config.get(PERSONAL_LAYERS_KEY) or ""))
+        received, dropped = split_personal(self.decode_weights(start), patterns)
+        if dropped:
+            logger.debug("worker %s round %d: ignoring personal tensors %s in the round start", self.worker_id, start.round, sorted(dropped)[:5])
+        aux = wire_tensors.decode_state(start.aux)
+        hook = hook_for(start.config, self.state_dir, self.hooks)
+        hook_round = HookRound(round=start.round, config=start.config, train_config=config, aux=aux)
+
+        # Personal tensors: the worker's own, else the run's initial values.
+        initial_personal: dict[str, torch.Tensor] = {}
+        if patterns:
+            _, initial_personal = split_personal(self._initial_state(int(start.config.get("seed", 0))), patterns)
+        own_personal = self.personal.values(initial_personal)
+
+        def loss_of(shared: Mapping[str, torch.Tensor]) -> float:
+            self.model.load_state_dict({**own_personal, **shared})
+            return float(self.task.evaluate(self.model, self.data.x_train, self.data.y_train)["loss"])
+
+        shared_start, hook_aux = hook.choose_start(hook_round, received, loss_of)
+
+        # Local evaluation on the local test split.
+        metrics: dict[str, float] = {}
+        eval_every = int(start.config.get(EVAL_EVERY_KEY) or 0)
+        due = eval_every > 0 and start.model_version % eval_every == 0
+        if (due if evaluate is None else evaluate) and self.data.num_test > 0:
+            metrics[LOCAL_TEST_SAMPLES] = float(self.data.num_test)
+            metrics.update(self._evaluate("local", {**initial_personal, **shared_start}))
+            if patterns:
+                metrics.update(self._evaluate("personal", {**own_personal, **shared_start}))
+
+        return RoundPlan(
+            train_config=config,
+            hook=hook,
+            hook_round=hook_round,
+            patterns=patterns,
+            shared_start=shared_start,
+            model_state={**own_personal, **shared_start},
+            aux=hook_aux,
+            metrics=metrics,
+        )
+
+    def decode_weights(self, start: RoundStart) -> dict[str, torch.Tensor]:
+        """Return the global tensors that a round start carries in ``weights``."""
+        return wire_tensors.decode_state(start.weights)
+
+    def _evaluate(self, prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        self.model.load_state_dict(state)
+        evaluation = self.task.evaluate(self.model, self.data.x_test, self.data.y_test)
+        return {f"{prefix}_loss": float(evaluation["loss"]), f"{prefix}_accuracy": float(evaluation["accuracy"])}
+
+    def _initial_state(self, seed: int) -> dict[str, torch.Tensor]:
+        """Return the model state that the coordinator starts a run with: built under ``torch.manual_seed(seed)``."""
+        if seed not in self._initial_states:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = self.task.build_model()
+            self._initial_states[seed] = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        return self._initial_states[seed]
 
     def _encode_deltas(
         self,
