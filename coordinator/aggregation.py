@@ -46,6 +46,7 @@ class WeightedSum:
             self._sums[name] = torch.zeros(tensor.shape, dtype=sum_dtype)
         self.total_weight = 0.0
         self.count = 0
+        self._consumed = False
 
     @property
     def names(self) -> frozenset[str]:
@@ -53,6 +54,8 @@ class WeightedSum:
 
     def add(self, values: Mapping[str, np.ndarray], weight: float) -> None:
         """Add ``weight`` times each array; the arrays must match the template's names and shapes."""
+        if self._consumed:
+            raise RuntimeError("this sum was turned into its mean in place; start a new WeightedSum")
         if weight < 0 or not np.isfinite(weight):
             raise ValueError(f"weight must be a finite number >= 0, but got {weight}")
         missing = self.names.difference(values)
@@ -75,12 +78,23 @@ class WeightedSum:
             total.add_(source.reshape(total.shape), alpha=weight)
         self.total_weight += weight
 
-    def mean(self) -> dict[str, torch.Tensor]:
-        """Return the weighted mean per tensor: float32 for floating tensors, the original dtype otherwise."""
+    def mean(self, *, in_place: bool = False) -> dict[str, torch.Tensor]:
+        """Return the weighted mean per tensor: float32 for floating tensors, the original dtype otherwise.
+
+        With ``in_place`` the floating accumulators are divided where they are and
+        returned, which saves one model-sized allocation, and the sum accepts no more
+        calls afterwards.
+        """
+        if self._consumed:
+            raise RuntimeError("this sum was turned into its mean in place; start a new WeightedSum")
         if self.total_weight <= 0:
             raise ZeroWeightError(f"all {self.count} updates had zero weight")
+        self._consumed = in_place
         result = {}
         for name, total in self._sums.items():
+            if in_place and total.dtype == torch.float32 and self._dtypes[name].is_floating_point:
+                result[name] = total.div_(self.total_weight)
+                continue
             mean = total / self.total_weight
             dtype = self._dtypes[name]
             if dtype == torch.bool:
@@ -105,7 +119,8 @@ def apply_mean_delta(global_state: Mapping[str, torch.Tensor], mean: Mapping[str
             # float64 tensors add in float64, so the global value keeps its precision;
             # float16 and bfloat16 ones add in float32 and round once.
             compute_dtype = torch.promote_types(tensor.dtype, torch.float32)
-            updated = tensor.to(compute_dtype) + learning_rate * mean[name].to(compute_dtype)
+            # One fused multiply-add: no model-sized temporary for learning_rate * mean.
+            updated = torch.add(tensor.to(compute_dtype), mean[name].to(compute_dtype), alpha=learning_rate)
             new_state[name] = updated.to(tensor.dtype)
         else:
             new_state[name] = mean[name].to(tensor.dtype).clone()

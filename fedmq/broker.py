@@ -644,7 +644,7 @@ class BrokerClient:
         self,
         exchange: str,
         routing_key: str,
-        body: bytes,
+        body: bytes | bytearray | memoryview,
         message_id: str,
         headers: dict[str, Any],
         expiration_ms: int | None,
@@ -659,6 +659,9 @@ class BrokerClient:
             user_id=user_id if user_id is not None else self.user_id,
             content_type="application/x-fedmq",
         )
+        if not isinstance(body, bytes):
+            # pika sends only bytes; a bytearray or memoryview body is copied once here.
+            body = bytes(body)
         for attempt in range(1, NACK_ATTEMPTS + 1):
             try:
                 self.channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)

@@ -27,6 +27,7 @@ from typing import Any
 from fedmq.broker import BrokerSettings
 from fedmq.config import CONFIGURABLE_COMMANDS, address, format_settings, integer, number, resolve_settings, settings_json
 from fedmq.errors import BrokerError, ConfigError, FedmqError, RoundFailedError
+from fedmq.secrets import check_command_line
 from fedmq.tasks import PartitionSpec
 from fedmq.tuning import tune_allocator
 
@@ -50,6 +51,26 @@ def _add_broker_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest message body sent in one piece, in bytes; larger payloads travel in chunks (default: 15 MiB, under RabbitMQ 4.x's 16 MiB limit)",
     )
     group.add_argument("--reconnect-timeout-s", type=number(minimum=0, min_exclusive=True), default=600.0, help="give up reconnecting after this many seconds (default: 600)")
+    group.add_argument(
+        "--broker-password-file", type=Path, default=None, metavar="FILE",
+        help="file holding the broker password, which replaces the URL's (default: $FEDMQ_BROKER_PASSWORD, else the URL's); "
+        "never put a password in --broker-url",
+    )
+    group.add_argument("--broker-ca-file", type=Path, default=None, metavar="FILE", help="PEM file of the CAs that sign the broker's certificate, for amqps:// URLs (default: the system's CAs)")
+    group.add_argument("--broker-cert-file", type=Path, default=None, metavar="FILE", help="PEM client certificate presented to the broker over amqps:// (default: none)")
+    group.add_argument("--broker-key-file", type=Path, default=None, metavar="FILE", help="PEM private key of --broker-cert-file (default: none)")
+
+
+def _add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("privacy and sender checks")
+    group.add_argument(
+        "--target-epsilon", type=number(minimum=0, min_exclusive=True), default=None,
+        help="stop before the round that would take the privacy spent above this epsilon; needs --strategy dp-fedavg (default: no target)",
+    )
+    group.add_argument(
+        "--require-user-id", action="store_true", default=False,
+        help="dead-letter messages whose broker-validated user_id differs from the worker id they claim (default: off, for the shared guest user)",
+    )
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     coordinator.add_argument(
         "--strategy-option", action="append", default=[], metavar="KEY=VALUE",
-        help="option of the strategy, repeatable, such as proximal_mu=0.01 or num_clusters=2 (see docs/strategies.md)",
+        help="option of the strategy, repeatable, such as proximal_mu=0.01 or num_clusters=2 (see docs/strategies.md) (default: none)",
     )
     coordinator.add_argument("--server-learning-rate", type=number(minimum=0, min_exclusive=True), default=None, help="step size applied to the aggregated update (default: the strategy's, 1.0 for fedavg)")
     coordinator.add_argument(
@@ -128,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_argument(coordinator, "coordinator")
     _add_training_arguments(coordinator)
     _add_broker_arguments(coordinator)
+    _add_privacy_arguments(coordinator)
 
     worker = commands.add_parser("worker", help="run one worker")
     worker.add_argument("--task", required=True, help="built-in task name (digits, mnist) or package.module:attr (required)")
@@ -143,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-address", type=address, default="",
         help="HOST:PORT on which to serve this worker's Prometheus metrics at /metrics; '' or 0 disables (default: '', disabled)",
     )
+    worker.add_argument(
+        "--no-declare", action="store_true", default=False,
+        help="declare no exchange or queue, for a worker provisioned with 'fedmq provision-worker' whose queue exists already (default: declare them)",
+    )
+    worker.add_argument(
+        "--dp-sgd-noise-multiplier", type=number(minimum=0, min_exclusive=True), default=None,
+        help="train with DP-SGD (Opacus) at this noise multiplier, for per-record privacy of this worker's data (default: off)",
+    )
+    worker.add_argument("--dp-sgd-max-grad-norm", type=number(minimum=0, min_exclusive=True), default=1.0, help="DP-SGD per-sample gradient clip norm (default: 1.0)")
+    worker.add_argument("--dp-sgd-delta", type=number(minimum=0, maximum=1, min_exclusive=True, max_exclusive=True), default=1e-5, help="delta at which DP-SGD's epsilon is reported (default: 1e-5)")
     _add_config_argument(worker, "worker")
     _add_partition_arguments(worker)
     _add_broker_arguments(worker)
@@ -158,6 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--progress", choices=PROGRESS_CHOICES, default="auto", help="progress view: rich, plain, off, or auto: rich on a terminal, else plain (default: auto)")
     _add_config_argument(demo, "demo")
     _add_partition_arguments(demo)
+
+    provision = commands.add_parser(
+        "provision-worker",
+        help="create a worker's broker user, queue and least-privilege permissions through the RabbitMQ management API",
+        description="Create or update a worker's user (named after the worker id), the federation's vhost and exchanges, the worker's "
+        "queue and bindings, and permissions that let it read only its own queue and publish only its results. "
+        "The administrator's password comes from FEDMQ_ADMIN_PASSWORD or --admin-password-file.",
+    )
+    provision.add_argument("--worker-id", required=True, help="worker id, also the broker user name: letters, digits, '_' and '-' (required)")
+    provision.add_argument("--federation", default="fedmq", help="federation whose exchanges and queues the worker uses (default: fedmq)")
+    provision.add_argument("--vhost", default=None, help="virtual host of the federation (default: the federation name)")
+    provision.add_argument("--task", default="TASK", help="task name shown in the printed worker command (default: TASK)")
+    provision.add_argument("--management-url", default="http://127.0.0.1:15672/", help="base URL of the RabbitMQ management HTTP API, without credentials (default: http://127.0.0.1:15672/)")
+    provision.add_argument("--management-ca-file", type=Path, default=None, metavar="FILE", help="PEM CA file for an https:// management URL (default: the system's CAs)")
+    provision.add_argument("--admin-user", default="guest", help="management API user with the administrator tag (default: guest)")
+    provision.add_argument("--admin-password-file", type=Path, default=None, metavar="FILE", help="file holding the administrator's password (default: $FEDMQ_ADMIN_PASSWORD)")
+    provision.add_argument("--worker-password-file", type=Path, default=None, metavar="FILE", help="file holding the worker's password (default: generate one and print it once)")
+    provision.add_argument("--coordinator-user", default=None, help="broker user of the coordinator, given full rights on the vhost (default: --admin-user)")
+    provision.add_argument("--broker-url", default="amqp://127.0.0.1:5672/", help="scheme, host and port of the broker as workers reach it, for the printed settings (default: amqp://127.0.0.1:5672/)")
 
     status = commands.add_parser("status", help="show the workers, queue depths and current round of a federation")
     status.add_argument("--broker-url", default=None, help="AMQP URL of the broker (default: $FEDMQ_BROKER_URL, else %s)" % DEFAULT_BROKER_URL.replace("%", "%%"))
@@ -193,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def broker_settings(args: argparse.Namespace) -> BrokerSettings:
+    from fedmq.secrets import broker_password, register_secret, split_credentials
+
     url = args.broker_url or os.environ.get("FEDMQ_BROKER_URL") or DEFAULT_BROKER_URL
+    url_password = split_credentials(url)[2]
+    if url_password:
+        register_secret(url_password)
     try:
         return BrokerSettings(
             url=url,
@@ -201,9 +257,52 @@ def broker_settings(args: argparse.Namespace) -> BrokerSettings:
             heartbeat_s=args.heartbeat_s,
             max_message_bytes=args.max_message_bytes,
             reconnect_timeout_s=args.reconnect_timeout_s,
+            password=broker_password(args.broker_password_file),
+            ca_file=args.broker_ca_file,
+            cert_file=args.broker_cert_file,
+            key_file=args.broker_key_file,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def _sample_privacy(args: argparse.Namespace) -> Any:
+    from worker.privacy import SamplePrivacySettings
+
+    if args.dp_sgd_noise_multiplier is None:
+        return None
+    return SamplePrivacySettings(noise_multiplier=args.dp_sgd_noise_multiplier, max_grad_norm=args.dp_sgd_max_grad_norm, delta=args.dp_sgd_delta)
+
+
+def run_provision_worker(args: argparse.Namespace) -> int:
+    from fedmq.provision import ManagementClient, connection_instructions, generate_password, provision_worker
+    from fedmq.secrets import read_secret_file, register_secret
+
+    if args.admin_password_file is not None:
+        admin_password = read_secret_file(args.admin_password_file, what="administrator password")
+    elif os.environ.get("FEDMQ_ADMIN_PASSWORD"):
+        admin_password = os.environ["FEDMQ_ADMIN_PASSWORD"]
+        register_secret(admin_password)
+    else:
+        raise ConfigError("the administrator password is missing; set FEDMQ_ADMIN_PASSWORD or pass --admin-password-file")
+    if args.worker_password_file is not None:
+        password = read_secret_file(args.worker_password_file, what="worker password")
+    else:
+        password = generate_password()
+        register_secret(password)
+    client = ManagementClient(args.management_url, user=args.admin_user, password=admin_password, ca_file=args.management_ca_file)
+    worker = provision_worker(
+        client,
+        federation=args.federation,
+        worker_id=args.worker_id,
+        password=password,
+        vhost=args.vhost,
+        coordinator_user=args.coordinator_user,
+        broker_url=args.broker_url,
+    )
+    # stdout, not the log: the text carries a generated password, shown this once.
+    print(connection_instructions(worker, task=args.task, password_file=args.worker_password_file))
+    return 0
 
 
 def resolve_worker_id(value: str) -> str:
@@ -262,6 +361,8 @@ def run_coordinator(args: argparse.Namespace) -> int:
         personal_layers=parse_patterns(args.personal_layers),
         eval_every=args.eval_every,
         max_update_norm=args.max_update_norm,
+        target_epsilon=args.target_epsilon,
+        require_user_id=args.require_user_id,
     )
     coordinator = Coordinator(settings, task=task)
     coordinator.install_signal_handlers()
@@ -271,6 +372,14 @@ def run_coordinator(args: argparse.Namespace) -> int:
         "run %s finished: %d rounds, accuracy %.4f, %.1f s, %d bytes out, %d bytes in",
         result.run_id, result.rounds_completed, final.get("accuracy", float("nan")), result.wall_time_s, result.bytes_out, result.bytes_in,
     )
+    if result.privacy is not None:
+        logger.info(
+            "run %s privacy: epsilon %.4g at delta %.1e over %d DP rounds (noise multiplier %g, sample rate %g)",
+            result.run_id, result.privacy["epsilon"], result.privacy["delta"], result.privacy["rounds"],
+            result.privacy["noise_multiplier"], result.privacy["sample_rate"],
+        )
+    if result.stop_reason is not None:
+        logger.info("run %s stopped early: %s", result.run_id, result.stop_reason)
     return 0
 
 
@@ -292,6 +401,8 @@ def run_worker(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         time_budget_s=args.time_budget_s,
         exit_after_rounds=args.exit_after_rounds,
+        declare_topology=not args.no_declare,
+        sample_privacy=_sample_privacy(args),
     )
     worker = Worker(settings)
     worker.install_signal_handlers()
@@ -380,6 +491,9 @@ def configure_logging(level: str, *, json_lines: bool = False) -> None:
     from fedmq.logging_setup import configure_logging as install_handler
 
     install_handler(level, json_lines=json_lines)
+    from fedmq.secrets import install_redaction
+
+    install_redaction(logging.getLogger().handlers)
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -389,7 +503,9 @@ def _pick(value: Any, default: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = resolve_settings(build_parser(), argv).namespace
+        resolved = resolve_settings(build_parser(), argv)
+        args = resolved.namespace
+        check_command_line({name: setting.source for name, setting in resolved.settings.items()}, vars(args))
     except ConfigError as exc:
         print(f"fedmq: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -405,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             from fedmq.demo import run_demo
 
             return run_demo(args)
+        if args.command == "provision-worker":
+            return run_provision_worker(args)
         if args.command == "status":
             return run_status(args)
         if args.command == "report":

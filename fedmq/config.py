@@ -51,6 +51,7 @@ _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 _FLAG_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
 _SKIPPED_ACTIONS = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+_ACCUMULATING_ACTIONS = (argparse._AppendAction, argparse._AppendConstAction, argparse._ExtendAction, argparse._CountAction)
 
 
 class _Unset:
@@ -253,7 +254,7 @@ def resolve_settings(
         missing = False
         if action.dest == CONFIG_OPTION:
             value, source = config_path, config_source
-        elif value is not UNSET:
+        elif not _is_unset(action, value):
             source = f"flag {flag}"
         elif id(action) in use_environment and env_name in environ:
             source = f"env {env_name}"
@@ -294,13 +295,21 @@ def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 
 def _relax(parser: argparse.ArgumentParser) -> dict[int, tuple[Any, bool]]:
-    """Make every option optional with an UNSET default; return the declared (default, required) by action id."""
+    """Make every option optional and unset by default; return the declared (default, required) by action id.
+
+    Actions that add to their value (append, extend, count) start from None instead
+    of UNSET, because argparse copies and extends the default.
+    """
     declared: dict[int, tuple[Any, bool]] = {}
     for action in _options(parser):
         declared[id(action)] = (action.default, action.required)
-        action.default = UNSET
+        action.default = None if isinstance(action, _ACCUMULATING_ACTIONS) else UNSET
         action.required = False
     return declared
+
+
+def _is_unset(action: argparse.Action, value: Any) -> bool:
+    return value is UNSET or (value is None and isinstance(action, _ACCUMULATING_ACTIONS))
 
 
 def _flag_name(action: argparse.Action) -> str:

@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -61,6 +62,20 @@ _READY_POLL_INTERVAL_S = 0.2
 _PORT_RELEASE_WAIT_S = 5.0
 _LOG_TAIL_LINES = 40
 _node_counter = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class NodeTls:
+    """PEM files of a node's TLS listener: the CA that client certificates must chain to, and the server's certificate and key.
+
+    With ``require_client_cert`` the node refuses a TLS client that presents no
+    certificate signed by that CA.
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_client_cert: bool = True
 
 
 class RabbitMQNotInstalledError(BrokerError):
@@ -102,6 +117,14 @@ class RabbitMQNode:
     ``consumer_timeout_ms``, ``max_message_size`` (bytes) and ``heartbeat_s`` go into the
     node's ``rabbitmq.conf``; None keeps RabbitMQ's default. ``management=True`` enables
     the management plugin, whose HTTP API listens on ``management_port``.
+
+    ``advanced_config`` is the text of the node's ``advanced.config``, Erlang terms
+    ending in a period, for settings that ``rabbitmq.conf`` does not accept. For
+    example ``"[{rabbit, [{channel_tick_interval, 500}]}]."`` makes RabbitMQ 3.10 check
+    ``consumer_timeout`` every 500 ms instead of every 60 s.
+
+    ``tls`` adds an AMQPS listener on 127.0.0.1:``tls_port`` next to the plain one,
+    which the readiness check keeps using.
     """
 
     def __init__(
@@ -115,8 +138,15 @@ class RabbitMQNode:
         heartbeat_s: int | None = None,
         management: bool = False,
         management_port: int | None = None,
+        advanced_config: str | None = None,
+        tls: NodeTls | None = None,
+        tls_port: int | None = None,
     ) -> None:
         _check_port("port", port)
+        _check_port("tls_port", tls_port)
+        if tls_port is not None and tls is None:
+            raise ConfigError(f"tls_port must be None unless tls is set, but got {tls_port} without tls")
+        self._tls = tls
         _check_port("management_port", management_port)
         _check_optional_int("consumer_timeout_ms", consumer_timeout_ms, minimum=1)
         _check_optional_int("max_message_size", max_message_size, minimum=1, maximum=MAX_MESSAGE_SIZE_LIMIT)
@@ -131,6 +161,11 @@ class RabbitMQNode:
         self._max_message_size = max_message_size
         self._heartbeat_s = heartbeat_s
         self._management = management
+        if advanced_config is not None and (not isinstance(advanced_config, str) or not advanced_config.strip().endswith(".")):
+            raise ConfigError(
+                f"advanced_config must be Erlang terms ending in a period, or None, but got {advanced_config!r}"
+            )
+        self._advanced_config = advanced_config
 
         # Pick every missing port while the others are still bound, so they all differ.
         reserved: list[socket.socket] = []
@@ -140,6 +175,9 @@ class RabbitMQNode:
             self._management_port: int | None = None
             if management:
                 self._management_port = management_port if management_port is not None else _bind_free_port(reserved)
+            self._tls_port: int | None = None
+            if tls is not None:
+                self._tls_port = tls_port if tls_port is not None else _bind_free_port(reserved)
         finally:
             for sock in reserved:
                 sock.close()
@@ -206,6 +244,11 @@ class RabbitMQNode:
         if self._management_port is None:
             return None
         return f"http://{LOOPBACK}:{self._management_port}/"
+
+    @property
+    def tls_port(self) -> int | None:
+        """TCP port of the AMQPS listener on 127.0.0.1, or None without TLS."""
+        return self._tls_port
 
     @property
     def node_name(self) -> str:
@@ -407,6 +450,8 @@ class RabbitMQNode:
         ports = {"AMQP": self._port, "Erlang distribution": self._dist_port}
         if self._management_port is not None:
             ports["management"] = self._management_port
+        if self._tls_port is not None:
+            ports["AMQPS"] = self._tls_port
         # A killed node's listening sockets can outlive its processes for a moment.
         deadline = time.monotonic() + _PORT_RELEASE_WAIT_S
         for role, port in ports.items():
@@ -423,6 +468,11 @@ class RabbitMQNode:
             for directory in (self._base_dir, self._base_dir / "mnesia", self._base_dir / "log"):
                 directory.mkdir(parents=True, exist_ok=True)
             (self._base_dir / "rabbitmq.conf").write_text(self._config_text(), encoding="utf-8")
+            advanced_path = self._base_dir / "advanced.config"
+            if self._advanced_config is None:
+                advanced_path.unlink(missing_ok=True)
+            else:
+                advanced_path.write_text(self._advanced_config.strip() + "\n", encoding="utf-8")
             plugins = "[rabbitmq_management].\n" if self._management else "[].\n"
             (self._base_dir / "enabled_plugins").write_text(plugins, encoding="utf-8")
             _write_cookie(self._base_dir / ".erlang.cookie")
@@ -445,12 +495,22 @@ class RabbitMQNode:
         if self._management_port is not None:
             lines.append(f"management.tcp.ip = {LOOPBACK}")
             lines.append(f"management.tcp.port = {self._management_port}")
+        if self._tls is not None:
+            lines += [
+                f"listeners.ssl.1 = {LOOPBACK}:{self._tls_port}",
+                f"ssl_options.cacertfile = {Path(self._tls.ca_file).resolve()}",
+                f"ssl_options.certfile = {Path(self._tls.cert_file).resolve()}",
+                f"ssl_options.keyfile = {Path(self._tls.key_file).resolve()}",
+                "ssl_options.verify = verify_peer",
+                f"ssl_options.fail_if_no_peer_cert = {'true' if self._tls.require_client_cert else 'false'}",
+            ]
         return "\n".join(lines) + "\n"
 
     def _environment(self) -> dict[str, str]:
         # RABBITMQ_* and ERL_* settings of the caller would leak into this node. The
-        # env and advanced config files point into the base directory, where they do not
-        # exist, so /etc/rabbitmq is not read either.
+        # env and advanced config files point into the base directory, where the env file
+        # never exists and the advanced one only with advanced_config, so /etc/rabbitmq is
+        # not read either.
         env = {name: value for name, value in os.environ.items() if not name.startswith(("RABBITMQ_", "ERL_"))}
         base = self._base_dir
         env.update(
@@ -498,6 +558,8 @@ class RabbitMQNode:
         if not _accepts_tcp(self._port):
             return False
         if self._management_port is not None and not _accepts_tcp(self._management_port):
+            return False
+        if self._tls_port is not None and not _accepts_tcp(self._tls_port):
             return False
 
         parameters = pika.ConnectionParameters(

@@ -141,8 +141,8 @@ def _plot_participation(path: Path, rounds: list[int], records: list[dict[str, A
     rejected = [sum(record.get("rejected", {}).values()) + len(record.get("failed", {})) for record in records]
     axes.plot(rounds, sent, marker="o", markersize=3, label="sent the round")
     axes.plot(rounds, accepted, marker="o", markersize=3, label="updates accepted")
-    axes.bar(rounds, dropouts, width=0.4, alpha=0.6, label="dropouts")
-    axes.bar([r + 0.4 for r in rounds], rejected, width=0.4, alpha=0.6, label="rejected or failed")
+    axes.bar([r - 0.2 for r in rounds], dropouts, width=0.4, alpha=0.6, label="dropouts")
+    axes.bar([r + 0.2 for r in rounds], rejected, width=0.4, alpha=0.6, label="rejected or failed")
     axes.set_ylim(bottom=0)
     axes.legend(loc="best")
     _integer_ticks(axes)

@@ -80,6 +80,16 @@ ensure_rabbitmq() {
     fi
 }
 
+# Chromium: the report tests (tests/ops) open report.html in headless Chromium.
+ensure_chromium() {
+    if command -v chromium >/dev/null 2>&1; then
+        log "chromium is installed"
+        return
+    fi
+    log "chromium is missing; installing it with apt-get for the report tests"
+    apt_install chromium
+}
+
 python_is_supported() {
     "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' >/dev/null 2>&1
 }
@@ -158,6 +168,7 @@ install_packages() {
 }
 
 ensure_rabbitmq
+ensure_chromium
 ensure_venv
 install_packages
 log "done: run 'make demo' or 'make test'"

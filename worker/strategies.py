@@ -5,7 +5,8 @@ the matching StrategyHook. ``LocalTrainer.run_round`` calls the hook three times
 
 1. ``choose_start``: which shared state to train from (IFCA picks a cluster model).
 2. ``gradient_hook``: a function that edits the gradients before every optimizer
-   step (SCAFFOLD's correction, Δ-SGD's step size), or None.
+   step (SCAFFOLD's correction), or None. A hook may instead replace local
+   training altogether (Δ-SGD, ``replaces_training``).
 3. ``finish``: the strategy tensors and metrics that the update carries.
 
 Strategies without a worker side (FedAvg, FedProx, FedNova, the server optimizers)
@@ -17,9 +18,11 @@ Everything here runs on the worker's training thread.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from coordinator.strategies.common import (
@@ -42,7 +46,7 @@ from coordinator.strategies.common import (
     ifca_cluster_name,
 )
 from fedmq.errors import MessageError
-from fedmq.tasks import TrainConfig, TrainResult
+from fedmq.tasks import LocalData, Task, TrainConfig, TrainResult
 from fedmq.tasks.base import GradientHook
 
 logger = logging.getLogger(__name__)
@@ -62,7 +66,19 @@ class HookRound:
 
 
 class StrategyHook:
-    """The worker side of a strategy that needs none: local training runs unchanged."""
+    """The worker side of a strategy that needs none: local training runs unchanged.
+
+    A hook with ``replaces_training`` set trains with its own ``train`` instead of
+    ``Task.train``.
+    """
+
+    replaces_training = False
+
+    def train(
+        self, round_: HookRound, task: Task, model: nn.Module, data: LocalData, global_params: Mapping[str, torch.Tensor] | None
+    ) -> TrainResult:
+        """Train ``model`` in place; called only when ``replaces_training`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} does not replace local training")
 
     def choose_start(
         self, round_: HookRound, received: dict[str, torch.Tensor], loss_of: Callable[[Mapping[str, torch.Tensor]], float]
@@ -219,33 +235,35 @@ def ifca_cluster_states(
 
 
 class DeltaSgdHook(StrategyHook):
-    """Δ-SGD's worker side: the step size rule of ``coordinator.strategies.deltasgd``.
+    """Δ-SGD's worker side: local training with the step size rule of ``coordinator.strategies.deltasgd``.
 
-    The task trains with torch's SGD at the round's learning rate eta_0, so the hook
-    multiplies each gradient by eta_k / eta_0 to make the step eta_k times the
-    gradient. The rule restarts from eta_0 every round. When x_k equals x_{k-1} or
-    the gradients are equal, the smoothness bound is undefined and only the growth
-    bound applies.
+    The rule compares the gradients at x_k and at x_{k-1} on the same minibatch, as
+    the authors' implementation does, so each step runs a second forward and
+    backward pass at the previous parameters. Gradients of different minibatches
+    differ by their noise even where the loss is flat, which drives the step size
+    toward zero. That needs the batch itself, which a gradient hook does not see, so
+    this hook replaces ``Task.train`` with its own loop: the same seeded batch order,
+    budgets and metrics, and mean cross-entropy plus the FedProx term when
+    ``proximal_mu`` > 0. A task that overrides ``Task.train`` with another loss
+    trains with cross-entropy under this strategy.
     """
+
+    replaces_training = True
 
     def __init__(self) -> None:
         self.rule: DeltaSgdRule | None = None
 
-    def gradient_hook(self, round_: HookRound, model: nn.Module) -> GradientHook | None:
+    def train(
+        self, round_: HookRound, task: Task, model: nn.Module, data: LocalData, global_params: Mapping[str, torch.Tensor] | None
+    ) -> TrainResult:
+        config = round_.train_config
         amplifier = float(round_.config.get(DELTA_SGD_AMPLIFIER_KEY, 0.1))
-        rule = DeltaSgdRule(initial_step=round_.train_config.learning_rate, amplifier=amplifier)
-        self.rule = rule
-        base = round_.train_config.learning_rate
-
-        def adapt(trained: nn.Module) -> None:
-            parameters = [p for p in trained.parameters() if p.requires_grad and p.grad is not None]
-            step = rule.next_step([p.detach() for p in parameters], [p.grad.detach() for p in parameters if p.grad is not None])
-            scale = step / base
-            for parameter in parameters:
-                if parameter.grad is not None:
-                    parameter.grad.mul_(scale)
-
-        return adapt
+        self.rule = DeltaSgdRule(initial_step=config.learning_rate, amplifier=amplifier)
+        if data.num_train == 0:
+            return TrainResult(0, 0, {"loss": 0.0, "accuracy": 0.0, "train_time_s": 0.0})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return _train_delta_sgd(self.rule, model, data, config, global_params)
 
     def finish(
         self, round_: HookRound, model: nn.Module, start_state: Mapping[str, torch.Tensor], result: TrainResult
@@ -257,7 +275,7 @@ class DeltaSgdHook(StrategyHook):
 
 
 class DeltaSgdRule:
-    """The Δ-SGD step sizes of one round, fed the parameters and gradients of each step in turn."""
+    """The Δ-SGD step sizes of one round, one ``next_step`` call per local step."""
 
     def __init__(self, *, initial_step: float, amplifier: float) -> None:
         if initial_step <= 0:
@@ -268,25 +286,114 @@ class DeltaSgdRule:
         self.amplifier = amplifier
         self.steps: list[float] = []
         self._theta = 1.0
-        self._previous_parameters: list[torch.Tensor] = []
-        self._previous_gradients: list[torch.Tensor] = []
 
-    def next_step(self, parameters: list[torch.Tensor], gradients: list[torch.Tensor]) -> float:
-        """Return the step size for the gradients at ``parameters`` and remember both for the next step."""
+    def next_step(self, moved: float, changed: float) -> float:
+        """Return the next step size from ||x_k - x_{k-1}|| (``moved``) and ||g_k - g_{k-1}|| (``changed``).
+
+        Both distances are ignored at step 0, which uses the initial step.
+        """
         if not self.steps:
             step = self.initial_step
         else:
             previous = self.steps[-1]
             step = math.sqrt(1.0 + self.amplifier * self._theta) * previous
-            moved = _distance(parameters, self._previous_parameters)
-            changed = _distance(gradients, self._previous_gradients)
             if moved > 0 and changed > 0:
                 step = min(step, moved / (2.0 * changed))
             self._theta = step / previous
         self.steps.append(step)
-        self._previous_parameters = [tensor.clone() for tensor in parameters]
-        self._previous_gradients = [tensor.clone() for tensor in gradients]
         return step
+
+
+def _train_delta_sgd(
+    rule: DeltaSgdRule, model: nn.Module, data: LocalData, config: TrainConfig, global_params: Mapping[str, torch.Tensor] | None
+) -> TrainResult:
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    device = parameters[0].device
+    anchors = [tensor.detach().to(device) for tensor in global_params.values()] if config.proximal_mu > 0 and global_params else []
+    previous_model = copy.deepcopy(model)
+    previous_parameters = [parameter for parameter in previous_model.parameters() if parameter.requires_grad]
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    model.train()
+    previous_model.train()
+
+    started = time.monotonic()
+    num_steps = 0
+    first_epoch_seen = 0
+    last_loss = last_accuracy = 0.0
+    stopped = False
+    for epoch in range(config.local_epochs):
+        order = torch.randperm(data.num_train, generator=generator).to(device)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for start in range(0, data.num_train, config.batch_size):
+            if _budget_spent(config, num_steps, started):
+                stopped = True
+                break
+            batch = order[start : start + config.batch_size]
+            x_batch, y_batch = x_train[batch], y_train[batch]
+
+            # Gradients at x_k and, on the same batch, at x_{k-1}.
+            logits, loss = _backward(model, parameters, x_batch, y_batch, anchors, config.proximal_mu)
+            moved = changed = 0.0
+            if num_steps > 0:
+                _backward(previous_model, previous_parameters, x_batch, y_batch, anchors, config.proximal_mu)
+                moved = _distance([p.detach() for p in parameters], [p.detach() for p in previous_parameters])
+                changed = _distance(_gradients(parameters), _gradients(previous_parameters))
+            step = rule.next_step(moved, changed)
+
+            # x_{k-1} <- x_k, then x_{k+1} = x_k - step * (g_k + weight_decay * x_k).
+            with torch.no_grad():
+                for parameter, previous in zip(parameters, previous_parameters, strict=True):
+                    previous.copy_(parameter)
+                    gradient = _gradient(parameter)
+                    if config.weight_decay:
+                        gradient = gradient + config.weight_decay * parameter
+                    parameter.sub_(step * gradient)
+            num_steps += 1
+            loss_sum += float(loss.detach()) * int(batch.shape[0])
+            correct += int((logits.detach().argmax(dim=1) == y_batch).sum())
+            seen += int(batch.shape[0])
+        if epoch == 0:
+            first_epoch_seen = seen
+        if seen:
+            last_loss, last_accuracy = loss_sum / seen, correct / seen
+        if stopped:
+            break
+
+    # Buffers such as BatchNorm statistics follow the training passes of ``model`` only.
+    return TrainResult(
+        num_samples=first_epoch_seen,
+        num_steps=num_steps,
+        metrics={"loss": last_loss, "accuracy": last_accuracy, "train_time_s": time.monotonic() - started},
+    )
+
+
+def _backward(
+    model: nn.Module, parameters: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, anchors: list[torch.Tensor], mu: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    for parameter in parameters:
+        parameter.grad = None
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    objective = loss
+    if anchors:
+        objective = loss + 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(parameters, anchors, strict=True))
+    objective.backward()
+    return logits, loss
+
+
+def _gradient(parameter: nn.Parameter) -> torch.Tensor:
+    return parameter.grad.detach() if parameter.grad is not None else torch.zeros_like(parameter)
+
+
+def _gradients(parameters: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [_gradient(parameter) for parameter in parameters]
+
+
+def _budget_spent(config: TrainConfig, num_steps: int, started: float) -> bool:
+    if config.max_steps is not None and num_steps >= config.max_steps:
+        return True
+    return config.time_budget_s is not None and time.monotonic() - started >= config.time_budget_s
 
 
 def _distance(first: list[torch.Tensor], second: list[torch.Tensor]) -> float:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from coordinator.downlink import apply_model_delta
-from fedmq.errors import ConfigError, FedmqError
 from coordinator.strategies.common import EVAL_EVERY_KEY, LOCAL_TEST_SAMPLES, PERSONAL_LAYERS_KEY, parse_patterns, split_personal
+from fedmq.errors import ConfigError, FedmqError
 from fedmq.tasks import LocalData, Task, TrainConfig
 from schemas import codecs
 from schemas import tensors as wire_tensors
@@ -102,7 +102,10 @@ class LocalTrainer:
         self.personal = PersonalLayers(state_dir)
         self.hooks: dict[str, StrategyHook] = {}
         self._initial_states: dict[int, dict[str, torch.Tensor]] = {}
+        # The global model of the last round start, which the next delta applies to.
+        self.held_run_id: str | None = None
         self.held_version = -1
+        self.held_state: dict[str, torch.Tensor] | None = None
         # Set by the worker to train with DP-SGD instead of the task's training.
         self.sample_privacy: SamplePrivacy | None = None
 
@@ -124,9 +127,11 @@ class LocalTrainer:
         global_params = {name: tensor.detach().clone() for name, tensor in self.model.named_parameters()} if config.proximal_mu > 0 else None
         gradient_hook = plan.hook.gradient_hook(plan.hook_round, self.model)
         if self.sample_privacy is not None:
-            if gradient_hook is not None:
+            if gradient_hook is not None or plan.hook.replaces_training:
                 raise ConfigError("DP-SGD cannot run with the strategy's gradient hook, because per-sample clipping would not cover it")
             result = self.sample_privacy.train(self.task, self.model, self.data, config)
+        elif plan.hook.replaces_training:
+            result = plan.hook.train(plan.hook_round, self.task, self.model, self.data, global_params)
         else:
             result = self.task.train(self.model, self.data, config, global_params=global_params, gradient_hook=gradient_hook)
         trained = self.model.state_dict()
@@ -217,9 +222,43 @@ class LocalTrainer:
             metrics=metrics,
         )
 
+    def holds_weights_for(self, start: RoundStart) -> bool:
+        """Return whether ``start`` brings a full model, or a delta whose base this trainer holds."""
+        if start.weights_kind == "full":
+            return True
+        if self.held_state is None or self.held_run_id != start.run_id:
+            return False
+        return self.held_version in (start.base_version, start.model_version)
+
+    def version_held_for(self, run_id: str) -> int:
+        """Return the model version held for run ``run_id``, or -1 when it holds none of that run."""
+        return self.held_version if self.held_run_id == run_id and self.held_state is not None else -1
+
     def decode_weights(self, start: RoundStart) -> dict[str, torch.Tensor]:
-        """Return the global tensors that a round start carries in ``weights``."""
-        return wire_tensors.decode_state(start.weights)
+        """Return the global tensors of a round start, and hold them for the next delta.
+
+        A full model always replaces the held one, so a coordinator that restarted
+        without its worker view brings every worker back to the same weights. A delta
+        applies to the held model (see coordinator.downlink). Raises
+        MissingBaseModelError for a delta whose base is not held.
+        """
+        if start.weights_kind == "full":
+            state = wire_tensors.decode_state(start.weights)
+        elif not self.holds_weights_for(start):
+            raise MissingBaseModelError(
+                f"round {start.round} of run {start.run_id} carries a delta from model version {start.base_version}, "
+                f"but this worker holds version {self.version_held_for(start.run_id)}; it needs the full model"
+            )
+        elif self.held_version == start.model_version:
+            assert self.held_state is not None
+            state = self.held_state
+        else:
+            assert self.held_state is not None
+            state = apply_model_delta(self.held_state, start.weights)
+        self.held_state = state
+        self.held_run_id = start.run_id
+        self.held_version = start.model_version
+        return state
 
     def _evaluate(self, prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         self.model.load_state_dict(state)

@@ -168,7 +168,8 @@ class MeanDeltaStrategy(Strategy):
     def finish_round(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self._sum is None:
             raise RuntimeError(f"strategy {self.name}: finish_round came before begin_round")
-        mean = self._sum.mean()
+        # The sum is not used after the round, so its accumulators become the mean.
+        mean = self._sum.mean(in_place=True)
         return self.apply_mean(global_state, mean)
 
     @abc.abstractmethod

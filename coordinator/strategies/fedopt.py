@@ -12,7 +12,10 @@ Each round, for every trainable parameter with sample-weighted mean delta D:
 
 3. x = x + server_learning_rate * m / (sqrt(v) + tau)
 
-m starts at 0 and v at tau**2. There is no bias correction, as in the paper.
+m starts at 0 and v at tau**2. There is no bias correction, as in the paper. The
+default server learning rates (0.03 for FedAdam and FedYogi, 0.1 for FedAdagrad,
+with tau = 1e-3) come from a short sweep on the digits and MNIST benchmarks of
+``docs/strategies.md``; 0.01 left FedAdagrad far behind FedAvg there.
 Floating buffers move by D, and integer and bool tensors take the mean value. The
 moments m and v are saved in the checkpoint.
 """
@@ -64,16 +67,19 @@ class FedOpt(MeanDeltaStrategy):
     """A server optimizer of the FedOpt family; subclasses set ``rule`` (see the module docstring)."""
 
     rule: ClassVar[str]
+    default_server_learning_rate: ClassVar[float]
 
     def __init__(
         self,
         *,
-        server_learning_rate: float = 0.01,
+        server_learning_rate: float | None = None,
         beta1: float = 0.9,
         beta2: float = 0.99,
         tau: float = 1e-3,
     ) -> None:
         super().__init__()
+        if server_learning_rate is None:
+            server_learning_rate = self.default_server_learning_rate
         if server_learning_rate <= 0:
             raise ValueError(f"server_learning_rate must be > 0, but got {server_learning_rate}")
         if not 0.0 <= beta1 < 1.0:

@@ -1,6 +1,7 @@
 """FedYogi: the FedOpt server optimizer with the yogi second moment (Reddi et al., 2021).
 
-The update rule is in coordinator.strategies.fedopt.
+The update rule and the choice of the default server learning rate are in
+``coordinator.strategies.fedopt``.
 """
 
 from __future__ import annotations
@@ -13,3 +14,4 @@ class FedYogi(FedOpt):
 
     name = "fedyogi"
     rule = "yogi"
+    default_server_learning_rate = 0.03

@@ -15,6 +15,11 @@ worker i keeps its own c_i on its disk. In each round:
 4. The server applies the sample-weighted mean model delta, as FedAvg does, and sets
    c = c + sum_i delta_c_i / N, where N is the total number of workers.
 
+Option II assumes plain SGD steps, so round starts set the local momentum to
+``local_momentum``, 0 by default. With momentum, the worker uses the effective step
+count instead of K, but SCAFFOLD with the task's momentum of 0.9 diverged on the
+digits benchmark (``docs/strategies.md``), while plain SGD converged.
+
 The paper averages the model deltas uniformly. This strategy weights them by sample
 count like FedAvg, which is the same when every worker holds as many samples. N is
 the larger of ``num_clients`` and the number of distinct workers that have sent an
@@ -41,14 +46,17 @@ class Scaffold(Strategy):
 
     name = "scaffold"
 
-    def __init__(self, *, server_learning_rate: float = 1.0, num_clients: int = 0) -> None:
+    def __init__(self, *, server_learning_rate: float = 1.0, num_clients: int = 0, local_momentum: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= local_momentum < 1.0:
+            raise ValueError(f"local_momentum must be in [0, 1), but got {local_momentum}")
         if server_learning_rate <= 0:
             raise ValueError(f"server_learning_rate must be > 0, but got {server_learning_rate}")
         if num_clients < 0:
             raise ValueError(f"num_clients must be >= 0 (0 counts the workers seen), but got {num_clients}")
         self.server_learning_rate = server_learning_rate
         self.num_clients = num_clients
+        self.local_momentum = local_momentum
         self.control: dict[str, torch.Tensor] = {}
         self.workers_seen: set[str] = set()
         self._sum: WeightedSum | None = None
@@ -62,6 +70,9 @@ class Scaffold(Strategy):
         self._sum = WeightedSum(template)
         self._control_sum = {name: torch.zeros_like(tensor) for name, tensor in self.control.items()}
         self._updates = 0
+
+    def round_config(self, round_number: int) -> dict[str, Any]:
+        return {**super().round_config(round_number), "momentum": self.local_momentum}
 
     def round_aux(self, round_number: int, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {SCAFFOLD_CONTROL_PREFIX + name: tensor for name, tensor in self.control.items()}

@@ -173,15 +173,15 @@ class _Recorder:
         assert worker.trainer is not None
         self.trainer = worker.trainer
         self.kinds: dict[int, str] = {}
-        self._global_state_for = self.trainer.global_state_for
+        self._decode_weights = self.trainer.decode_weights
         self._run_round = self.trainer.run_round
         self._drop_after = drop_model_after_round
-        self.trainer.global_state_for = self._record  # type: ignore[method-assign]
+        self.trainer.decode_weights = self._record  # type: ignore[method-assign]
         self.trainer.run_round = self._run_and_maybe_drop  # type: ignore[method-assign]
 
     def _record(self, start: RoundStart) -> dict[str, torch.Tensor]:
         self.kinds[start.round] = start.weights_kind
-        return self._global_state_for(start)
+        return self._decode_weights(start)
 
     def _run_and_maybe_drop(self, start: RoundStart) -> tuple[bytes, dict[str, Any]]:
         result = self._run_round(start)

@@ -104,7 +104,7 @@ def test_delta_round_applies_to_held_model() -> None:
     start = _start(2, second, codec="float32")
     start.weights, start.weights_kind, start.base_version = delta, "delta", 0
     assert trainer.holds_weights_for(start)
-    rebuilt = trainer.global_state_for(start)
+    rebuilt = trainer.decode_weights(start)
     for name, tensor in second.items():
         torch.testing.assert_close(rebuilt[name], tensor, rtol=0, atol=1e-6)
 
@@ -141,6 +141,6 @@ def test_full_model_replaces_held_model() -> None:
     replacement = _global_state(7)
     start = _start(1, replacement, codec="float32")
 
-    state = trainer.global_state_for(start)
+    state = trainer.decode_weights(start)
     for name, tensor in replacement.items():
         assert torch.equal(state[name], tensor)
