@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,10 +80,10 @@ def _speed(num_params: int, count: int, repeats: int) -> dict[str, Any]:
     }
 
 
-def _memory(num_params: int, count: int) -> list[dict[str, Any]]:
+def _memory(num_params: int, count: int, body_path: Path) -> list[dict[str, Any]]:
     rows = []
     for approach, tuned in (("streaming", True), ("streaming", False), ("naive", True)):
-        arguments = ["--approach", approach, "--params", str(num_params), "--updates", str(count)]
+        arguments = ["--approach", approach, "--params", str(num_params), "--updates", str(count), "--body", str(body_path)]
         if not tuned:
             arguments.append("--untuned")
         output = run_python("benchmarks.aggregation_bench", *arguments, timeout_s=600)
@@ -96,7 +98,12 @@ def run(*, quick: bool) -> dict[str, Any]:
     counts = QUICK_COUNTS if quick else FULL_COUNTS
     repeats = 2 if quick else 3
     speed = [_speed(num_params, count, repeats) for count in counts]
-    memory = [row for count in counts for row in _memory(num_params, count)]
+    with tempfile.TemporaryDirectory(prefix="fedmq-bench-") as folder:
+        # The update that every subprocess receives, encoded here so that encoding leaves
+        # no freed buffers behind in the processes that measure memory.
+        body_path = Path(folder) / "update.bin"
+        body_path.write_bytes(encode_update(make_state(num_params, seed=1), CodecSpec("float32"), np.random.default_rng(0)))
+        memory = [row for count in counts for row in _memory(num_params, count, body_path)]
     return {
         "reference": "torch add_(update, alpha=weight) over one flat float32 tensor of the model's size",
         "targets": {"weighted_sum_vs_bound": ">= 0.7", "streaming peak_over_model": "<= 3.0 for 100 updates"},
@@ -109,7 +116,7 @@ def run(*, quick: bool) -> dict[str, Any]:
 # Memory measurement, run in a subprocess per approach
 
 
-def _measure_memory(approach: str, num_params: int, count: int, tuned: bool) -> dict[str, Any]:
+def _measure_memory(approach: str, num_params: int, count: int, body_path: Path, tuned: bool) -> dict[str, Any]:
     if tuned:
         from fedmq.tuning import tune_allocator
 
@@ -118,9 +125,9 @@ def _measure_memory(approach: str, num_params: int, count: int, tuned: bool) -> 
     template = make_state(num_params, seed=0)
     expected = expected_tensors(template)
     model_bytes = sum(tensor.numel() * 4 for tensor in template.values())
-    # The update that arrives N times. float32 encoding shares the template's memory, so
-    # this body is the only copy made for the test harness, and it is subtracted below.
-    body = encode_update(template, CodecSpec("float32"), np.random.default_rng(0))
+    # The update that arrives N times, read in one allocation. It is the test harness's
+    # copy, not the coordinator's, and is subtracted below.
+    body = body_path.read_bytes()
 
     if approach == "streaming":
         total = WeightedSum(template)
@@ -162,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--approach", choices=("streaming", "naive"), required=True)
     parser.add_argument("--params", type=int, required=True)
     parser.add_argument("--updates", type=int, required=True)
+    parser.add_argument("--body", type=Path, required=True, help="file with the encoded float32 update")
     parser.add_argument("--untuned", action="store_true", help="keep glibc's default malloc settings")
     args = parser.parse_args(argv)
-    print(json.dumps(_measure_memory(args.approach, args.params, args.updates, not args.untuned)))
+    print(json.dumps(_measure_memory(args.approach, args.params, args.updates, args.body, not args.untuned)))
     return 0
 
 

@@ -35,8 +35,9 @@ def make_state(num_params: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for layer in range(layers):
-        state[f"layer{layer}.weight"] = torch.randn(rows, LAYER_WIDTH, generator=generator) * 0.01
-        state[f"layer{layer}.bias"] = torch.randn(rows, generator=generator) * 0.01
+        # Filled in place, so building the state leaves no temporaries behind.
+        state[f"layer{layer}.weight"] = torch.empty(rows, LAYER_WIDTH).normal_(0.0, 0.01, generator=generator)
+        state[f"layer{layer}.bias"] = torch.empty(rows).normal_(0.0, 0.01, generator=generator)
     return state
 
 

@@ -81,12 +81,13 @@ TASKS: dict[str, TaskPlan] = {
 
 @dataclass(frozen=True)
 class Variant:
-    """One federated configuration: a strategy, its options and the personal layers."""
+    """One federated configuration: a strategy, its options, the personal layers and changes to the task's training config."""
 
     label: str
     strategy: str
     options: tuple[tuple[str, Any], ...] = ()
     personal_layers: tuple[str, ...] = ()
+    train: tuple[tuple[str, Any], ...] = ()
 
 
 def variants(task_name: str) -> list[Variant]:
@@ -165,7 +166,7 @@ def simulate(
     evaluates the final model on its local test split.
     """
     started = time.monotonic()
-    train_config = {**train_config_dict(task), "personal_layers": ",".join(variant.personal_layers)}
+    train_config = {**train_config_dict(task), **dict(variant.train), "personal_layers": ",".join(variant.personal_layers)}
     strategy = load_strategy(variant.strategy, **dict(variant.options))
     strategy.setup(StrategyContext.from_task(task, train_config=train_config, seed=SEED))
     torch.manual_seed(SEED)
@@ -341,16 +342,25 @@ def grid_jobs(task_names: Sequence[str], partitions: Sequence[str]) -> list[Job]
 HETEROGENEOUS_STEPS = (2, 2, 4, 4, 8, 8, 16, 16, 32, 32)
 
 
+HETEROGENEOUS_VARIANTS = (
+    Variant("fedavg", "fedavg"),
+    Variant("fednova", "fednova"),
+    Variant("scaffold", "scaffold"),
+    Variant("fedavg, plain SGD", "fedavg", train=(("momentum", 0.0),)),
+    Variant("fednova, plain SGD", "fednova", train=(("momentum", 0.0),)),
+)
+
+
 def heterogeneous_work(task_name: str = "digits", partition: str = "dirichlet-0.1") -> dict[str, RunResult]:
-    """Run FedAvg and FedNova where worker i may run at most ``HETEROGENEOUS_STEPS[i]`` local steps."""
+    """Run FedAvg, FedNova and SCAFFOLD where worker i may run at most ``HETEROGENEOUS_STEPS[i]`` local steps."""
     torch.set_num_threads(1)
     task = cached_task(task_name)
     datas = worker_datas(task_name, partition)
     overrides = [LocalOverrides(local_epochs=8, max_steps=steps) for steps in HETEROGENEOUS_STEPS]
     results = {}
-    for variant in (Variant("fedavg", "fedavg"), Variant("fednova", "fednova"), Variant("scaffold", "scaffold")):
+    for variant in HETEROGENEOUS_VARIANTS:
         results[variant.label] = simulate(task, datas, variant, rounds=TASKS[task_name].rounds, partition=partition, overrides=overrides)
-        print(f"heterogeneous work {variant.label:8s} final accuracy {results[variant.label].accuracy[-1]:.4f}", flush=True)
+        print(f"heterogeneous work {variant.label:18s} final accuracy {results[variant.label].accuracy[-1]:.4f}", flush=True)
     return results
 
 

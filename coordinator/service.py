@@ -753,6 +753,11 @@ class Coordinator:
         if state is None or update.round < state.round or update.model_version < state.model_version:
             if state is not None:
                 state.stale += 1
+            known = self.workers.get(worker_id)
+            if known is not None:
+                # A late reply shows that the worker is alive, so it is not forgotten as inactive.
+                known.last_seen_unix = time.time()
+                known.last_round = max(known.last_round, update.round)
             self.metrics.update_rejected("stale")
             logger.warning(
                 "run %s: discarded a stale update from worker %s for round %d (model version %d); current round %s",
@@ -808,6 +813,9 @@ class Coordinator:
         state.failed.pop(worker_id, None)
         state.bytes_in += len(delivery.body)
         state.held.append(delivery)
+        # The ack after the checkpoint needs only the delivery tags. Dropping the body here
+        # keeps one update body in memory at a time, unless the strategy kept its values.
+        delivery.body = b""
         for key, value in update.metrics.items():
             state.train_metrics.setdefault(key, []).append(float(value))
         info = self.workers.setdefault(worker_id, WorkerInfo(worker_id, time.time()))

@@ -17,6 +17,7 @@ import torch
 
 from fedmq.errors import ConfigError, MessageError
 from schemas import tensors as wire_tensors
+from schemas.codecs import all_finite
 from schemas.messages import Update
 
 
@@ -78,7 +79,7 @@ def decode_update(update: Update, expected: Mapping[str, ExpectedTensor]) -> dic
                 # float64 values beyond the float32 range become infinite here and are rejected below.
                 with np.errstate(over="ignore"):
                     values = wire_tensors.as_float32(values, tensor.dtype)
-            if not np.isfinite(values).all():
+            if not all_finite(values):
                 raise RejectedUpdate("non_finite", f"tensor {name!r} contains NaN or Inf, or values beyond the float32 range")
         decoded[name] = values
     return decoded
@@ -90,8 +91,14 @@ def update_norm(decoded: Mapping[str, np.ndarray], expected: Mapping[str, Expect
     for name, spec in expected.items():
         if spec.is_floating:
             values = decoded[name].reshape(-1)
-            total += float(np.dot(values.astype(np.float64, copy=False), values.astype(np.float64, copy=False)))
+            # Slices of 64K values keep the float64 copies small and in cache.
+            for start in range(0, values.size, _NORM_CHUNK):
+                chunk = values[start : start + _NORM_CHUNK].astype(np.float64)
+                total += float(np.dot(chunk, chunk))
     return math.sqrt(total)
+
+
+_NORM_CHUNK = 1 << 16
 
 
 class NormGate:

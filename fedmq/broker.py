@@ -728,7 +728,7 @@ class BrokerClient:
             count = int(headers[HEADER_CHUNK_COUNT])
             total = int(headers[HEADER_PAYLOAD_BYTES])
             digest = str(headers[HEADER_SHA256])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             self._dead_letter_tags([tag], properties, body, "chunk headers are missing or invalid")
             return None
         if not (0 <= index < count) or total > self.settings.max_payload_bytes or count * self.settings.max_payload_bytes < total:
@@ -777,7 +777,7 @@ class BrokerClient:
             count = int(headers[HEADER_CHUNK_COUNT])
             total = int(headers[HEADER_PAYLOAD_BYTES])
             digest = str(headers[HEADER_SHA256])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             self._dead_letter_tags([tag], properties, b"", "reference headers are missing or invalid")
             return None
         if not blob_queue.startswith(self.topology.blob_prefix):

@@ -211,8 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     provision.add_argument("--broker-url", default="amqp://127.0.0.1:5672/", help="scheme, host and port of the broker as workers reach it, for the printed settings (default: amqp://127.0.0.1:5672/)")
 
     status = commands.add_parser("status", help="show the workers, queue depths and current round of a federation")
-    status.add_argument("--broker-url", default=None, help="AMQP URL of the broker (default: $FEDMQ_BROKER_URL, else %s)" % DEFAULT_BROKER_URL.replace("%", "%%"))
-    status.add_argument("--federation", default="fedmq", help="prefix of the exchange and queue names of the federation (default: fedmq)")
     status.add_argument(
         "--management-url", default=None,
         help="base URL of the RabbitMQ management HTTP API, such as http://127.0.0.1:15672/, for connections and all queues; "
@@ -222,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout-s", type=number(minimum=0, min_exclusive=True), default=10.0, help="seconds to wait for the broker and the management API (default: 10)")
     status.add_argument("--json", action="store_true", default=False, help="print JSON instead of text (default: off)")
     _add_config_argument(status, "status")
+    _add_broker_arguments(status)
 
     report = commands.add_parser("report", help="draw a run's accuracy, loss, participation and bytes per round as PNG plots and an HTML page")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the coordinator's run folder")
@@ -404,16 +403,18 @@ def run_worker(args: argparse.Namespace) -> int:
         declare_topology=not args.no_declare,
         sample_privacy=_sample_privacy(args),
     )
-    worker = Worker(settings)
-    worker.install_signal_handlers()
+    from fedmq.logging_setup import log_context
     from fedmq.metrics import MetricsServer
 
-    server = MetricsServer(worker.metrics.registry, args.metrics_address, service=f"worker {worker_id}")
-    server.start()
-    try:
-        worker.run()
-    finally:
-        server.close()
+    with log_context(worker_id=worker_id):
+        worker = Worker(settings)
+        worker.install_signal_handlers()
+        server = MetricsServer(worker.metrics.registry, args.metrics_address, service=f"worker {worker_id}")
+        server.start()
+        try:
+            worker.run()
+        finally:
+            server.close()
     return 0
 
 
@@ -444,8 +445,7 @@ def run_status(args: argparse.Namespace) -> int:
     from fedmq.status import collect_status, format_status
 
     status = collect_status(
-        broker_url=args.broker_url or os.environ.get("FEDMQ_BROKER_URL") or DEFAULT_BROKER_URL,
-        federation=args.federation,
+        broker_settings(args),
         management_url=args.management_url,
         run_dir=args.run_dir,
         timeout_s=args.timeout_s,

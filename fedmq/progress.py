@@ -11,6 +11,7 @@ to a view:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -164,7 +165,11 @@ def render_snapshot(
         line.append(f"  workers {snapshot.workers_known}")
     if snapshot.accuracy is not None:
         line.append(f"  accuracy {snapshot.accuracy:.4f}", style="green")
-    bar = ProgressBar(total=float(planned or 1), completed=float(min(completed, planned or completed)), width=40)
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        ProgressBar(total=float(planned or 1), completed=float(min(completed, planned or completed)), width=40),
+        Text(f"{completed}/{planned or '?'} rounds completed"),
+    )
 
     table = Table(show_edge=False, box=None, pad_edge=False)
     for column in ("round", "accuracy", "loss", "updates", "dropouts", "duration"):
@@ -213,7 +218,8 @@ class RunMonitor:
     """Feeds a view from a run directory's completed rounds and a live metrics source.
 
     ``live_samples`` returns the coordinator's metric samples, or None while they are
-    unavailable. Call ``poll`` periodically, or ``start`` a thread that does.
+    unavailable; the view then shows the completed rounds only. Call ``poll``
+    periodically, or ``start`` a thread that does.
     """
 
     def __init__(
@@ -247,11 +253,12 @@ class RunMonitor:
             self.rounds_completed = max(self.rounds_completed, int(record["round"]))
             self.view.round_finished(record, self.rounds_planned)
         samples = self.live_samples()
-        if samples is not None:
-            snapshot = ProgressSnapshot.from_samples(samples, rounds_completed=self.rounds_completed)
-            if snapshot.rounds_planned is not None:
-                self.rounds_planned = snapshot.rounds_planned
-            self.view.update(snapshot)
+        snapshot = ProgressSnapshot.from_samples(samples or {}, rounds_completed=self.rounds_completed)
+        if snapshot.rounds_planned is not None:
+            self.rounds_planned = snapshot.rounds_planned
+        else:
+            snapshot = dataclasses.replace(snapshot, rounds_planned=self.rounds_planned)
+        self.view.update(snapshot)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="fedmq-progress", daemon=True)

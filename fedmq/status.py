@@ -31,7 +31,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from fedmq.broker import Topology, redact_url
+from fedmq.broker import BrokerSettings, Topology, connection_parameters, redact_url
 from fedmq.config import redact_url_password
 from fedmq.errors import BrokerError
 from fedmq.rundir import read_records, read_run_state, read_settings
@@ -101,21 +101,22 @@ class FederationStatus:
 
 
 def collect_status(
+    broker: BrokerSettings,
     *,
-    broker_url: str,
-    federation: str,
     management_url: str | None = None,
     run_dir: Path | None = None,
     timeout_s: float = 10.0,
 ) -> FederationStatus:
-    """Gather the federation's status from the broker, the management API and the run directory.
+    """Gather the status of ``broker.federation`` from the broker, the management API and the run directory.
 
+    The AMQP connection uses the broker settings as the services do (password, TLS).
     Raises BrokerError when the broker cannot be reached over AMQP. A failing
     management API is reported in ``management_error`` instead, because the AMQP
     part is still useful.
     """
+    federation = broker.federation
     topology = Topology(federation)
-    status = FederationStatus(federation=federation, broker=redact_url(broker_url))
+    status = FederationStatus(federation=federation, broker=redact_url(broker.url))
     workers: dict[str, WorkerStatus] = {}
 
     # The run directory: round and worker registry.
@@ -134,7 +135,7 @@ def collect_status(
     if management_url:
         status.management_url = redact_url_password(management_url)
         try:
-            management_queues = _management_status(management_url, broker_url, topology, workers, status, timeout_s)
+            management_queues = _management_status(management_url, broker, topology, workers, status, timeout_s)
         except BrokerError as exc:
             status.management_error = str(exc)
             logger.warning("management API at %s failed: %s", status.management_url, exc)
@@ -143,7 +144,7 @@ def collect_status(
     names = [topology.results_queue, topology.dead_letter_queue]
     names += sorted(name for name in management_queues if name not in names and not name.startswith(f"{federation}.blob."))
     names += [topology.worker_queue(worker_id) for worker_id in sorted(workers) if topology.worker_queue(worker_id) not in names]
-    queues = _amqp_queue_status(broker_url, names, timeout_s)
+    queues = _amqp_queue_status(broker, names, timeout_s)
     status.queues = queues
 
     # Workers: a consumer on the worker's own queue means it is connected.
@@ -152,8 +153,7 @@ def collect_status(
         if queue.name.startswith(prefix):
             worker = workers.setdefault(queue.name[len(prefix):], WorkerStatus(queue.name[len(prefix):]))
             worker.queue_messages = queue.messages
-            if worker.connected is None or queue.consumers:
-                worker.connected = bool(queue.exists and queue.consumers)
+            worker.connected = bool(queue.exists and queue.consumers)
         elif queue.name == topology.results_queue:
             status.coordinator_connected = bool(queue.exists and queue.consumers)
     status.workers = [workers[worker_id] for worker_id in sorted(workers)]
@@ -190,8 +190,9 @@ def _registry(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {str(worker_id): info for worker_id, info in workers.items() if isinstance(info, dict)}
 
 
-def _amqp_queue_status(broker_url: str, names: list[str], timeout_s: float) -> list[QueueStatus]:
-    parameters = pika.URLParameters(broker_url)
+def _amqp_queue_status(broker: BrokerSettings, names: list[str], timeout_s: float) -> list[QueueStatus]:
+    broker_url = broker.url
+    parameters = connection_parameters(broker)
     parameters.socket_timeout = timeout_s
     parameters.blocked_connection_timeout = timeout_s
     parameters.connection_attempts = 1
@@ -225,14 +226,14 @@ def _amqp_queue_status(broker_url: str, names: list[str], timeout_s: float) -> l
 
 def _management_status(
     management_url: str,
-    broker_url: str,
+    broker: BrokerSettings,
     topology: Topology,
     workers: dict[str, WorkerStatus],
     status: FederationStatus,
     timeout_s: float,
 ) -> dict[str, QueueStatus]:
-    base, authorization = _management_endpoint(management_url, broker_url)
-    vhost = _vhost(broker_url)
+    base, authorization = _management_endpoint(management_url, broker)
+    vhost = _vhost(broker.url)
     quoted_vhost = urllib.parse.quote(vhost, safe="")
     federation = topology.federation
 
@@ -263,18 +264,20 @@ def _management_status(
     return queues
 
 
-def _management_endpoint(management_url: str, broker_url: str) -> tuple[str, str]:
+def _management_endpoint(management_url: str, broker: BrokerSettings) -> tuple[str, str]:
     """Return the API base URL without credentials, and the Basic authorization header value.
 
-    Credentials come from the management URL, else from the broker URL.
+    Credentials come from the management URL, else from the broker settings (the
+    URL's user, with the separate password when one is set).
     """
     parts = urllib.parse.urlsplit(management_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BrokerError(f"--management-url must be an http(s) URL such as http://127.0.0.1:15672/, but got {redact_url_password(management_url)!r}")
     user, password = parts.username, parts.password
     if user is None:
-        broker = urllib.parse.urlsplit(broker_url)
-        user, password = broker.username or "guest", broker.password or "guest"
+        broker_parts = urllib.parse.urlsplit(broker.url)
+        user = broker_parts.username or "guest"
+        password = broker.password if broker.password is not None else (broker_parts.password or "guest")
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
     netloc = f"{host}:{parts.port}" if parts.port else host
     base = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))

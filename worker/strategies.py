@@ -57,7 +57,7 @@ PERSONAL_STATE_FILE = "personal.safetensors"
 
 @dataclass
 class HookRound:
-    """What a hook sees of one round: the round start's config and aux tensors, and the local TrainConfig."""
+    """The parts of one round that a hook receives: the round start's config and aux tensors, and the local TrainConfig."""
 
     round: int
     config: Mapping[str, Any]
@@ -85,7 +85,7 @@ class StrategyHook:
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Return the shared state to train from and strategy tensors for the update.
 
-        ``received`` holds the shared tensors of the round start, and ``loss_of``
+        ``received`` contains the shared tensors of the round start, and ``loss_of``
         returns the loss of a shared state on the local training data.
         """
         return received, {}
@@ -111,9 +111,9 @@ class ScaffoldHook(StrategyHook):
     worker has a state directory, in ``scaffold_control.safetensors`` there. A
     missing c_i starts at zero.
 
-    The paper's option II divides the model change by K * lr for K plain SGD steps.
-    With momentum, K becomes ``effective_steps(K, momentum)``, the step count that
-    gives the same displacement for a constant gradient.
+    Option II of Karimireddy et al. (2020) divides the model change by K * lr for K
+    plain SGD steps. With momentum, K becomes ``effective_steps(K, momentum)``, the
+    step count that gives the same displacement for a constant gradient.
     """
 
     def __init__(self, state_dir: Path | None) -> None:

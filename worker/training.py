@@ -69,7 +69,7 @@ def train_config_from(start: RoundStart, worker_id: str, overrides: LocalOverrid
 class RoundPlan:
     """How one round starts on this worker, before local training.
 
-    ``shared_start`` holds the shared tensors the model starts from (the received
+    ``shared_start`` contains the shared tensors the model starts from (the received
     global ones, or the chosen cluster model under IFCA), and ``model_state`` the
     whole state dict, with the worker's own personal tensors. ``aux`` holds the
     strategy tensors the update carries and ``metrics`` the local evaluation.

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ClientUpdate:
-    """One validated update as a strategy sees it.
+    """One validated update as a strategy receives it.
 
     ``values`` holds float32 deltas for floating tensors and new values for integer
     and bool tensors. ``aux`` holds the update's decoded strategy tensors.
@@ -51,7 +51,7 @@ class ClientUpdate:
 
 @dataclass(frozen=True)
 class StrategyContext:
-    """What a strategy learns about the run before its first round.
+    """Facts about the run that a strategy receives before its first round.
 
     ``train_config`` is the local training config that every round start carries
     (learning rate, momentum, local epochs). ``parameter_names`` are the state dict
@@ -103,7 +103,7 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def begin_round(self, template: Mapping[str, torch.Tensor]) -> None:
-        """Reset the per-round accumulators; ``template`` holds the tensors updates change."""
+        """Reset the per-round accumulators; ``template`` contains the tensors that updates change."""
 
     def check_update(self, update: ClientUpdate) -> None:
         """Raise coordinator.validation.RejectedUpdate when the update lacks what the strategy needs."""

@@ -10,7 +10,7 @@ the existing messages, and the names below fix what travels in each:
 - ``Update.aux`` and ``Update.metrics``: worker tensors (SCAFFOLD's control variate
   change, the IFCA cluster choice) and local evaluation results.
 
-Worker code imports this module too, so it holds no coordinator state.
+Worker code imports this module too, so it contains no coordinator state.
 """
 
 from __future__ import annotations

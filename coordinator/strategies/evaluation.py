@@ -30,11 +30,12 @@ def worst_fraction_mean(values: list[float], fraction: float = WORST_FRACTION) -
 def summarize_local_evaluation(metrics_by_worker: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Summarize the workers' local evaluation metrics of one round.
 
-    For each evaluated model (``local``, ``personal``) reported by at least one
-    worker with a non-empty test split, returns ``<model>_workers``, and for
-    accuracy and loss the plain mean over workers (``_mean``), the mean weighted by
-    ``local_test_samples`` (``_weighted``), and for accuracy the mean of the worst
-    10% of workers (``_worst10``). Returns an empty dict when no worker reported.
+    Covers each evaluated model (``local``, ``personal``) that at least one worker
+    with a non-empty test split reported. ``<model>_workers`` counts those workers.
+    Accuracy and loss get the plain mean over workers (``_mean``) and the mean
+    weighted by ``local_test_samples`` (``_weighted``). Accuracy also gets the mean
+    of the worst 10% of workers (``_worst10``). Returns an empty dict when no worker
+    reported.
     """
     summary: dict[str, float] = {}
     for model in EVALUATED_MODELS:

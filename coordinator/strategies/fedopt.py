@@ -120,7 +120,7 @@ class FedOpt(MeanDeltaStrategy):
         saved_rule = scalars.get("rule", self.rule)
         if saved_rule != self.rule:
             raise CheckpointError(
-                f"the checkpoint holds {saved_rule} moments, but this run uses {self.name}; "
+                f"the checkpoint contains {saved_rule} moments, but this run uses {self.name}; "
                 "resume with the strategy the run started with"
             )
         self.m = {name.removeprefix("m/"): tensor.clone() for name, tensor in tensors.items() if name.startswith("m/")}

@@ -135,7 +135,7 @@ class Ifca(Strategy):
         saved = int(scalars.get("num_clusters", self.num_clusters))
         if saved != self.num_clusters:
             raise CheckpointError(
-                f"the checkpoint holds {saved} IFCA clusters, but this run asks for {self.num_clusters}; "
+                f"the checkpoint contains {saved} IFCA clusters, but this run requests {self.num_clusters}; "
                 "resume with the same num_clusters"
             )
         clusters: list[dict[str, torch.Tensor]] = [{} for _ in range(self.num_clusters)]
@@ -162,6 +162,6 @@ class Ifca(Strategy):
         for index, cluster in enumerate(self.clusters):
             if set(cluster) != set(template):
                 raise CheckpointError(
-                    f"IFCA cluster {index} holds tensors {sorted(set(cluster) ^ set(template))[:5]} that differ from "
+                    f"IFCA cluster {index} contains tensors {sorted(set(cluster) ^ set(template))[:5]} that differ from "
                     "the shared tensors of this run; resume with the same task and personal layers"
                 )

@@ -21,7 +21,7 @@ count instead of K, but SCAFFOLD with the task's momentum of 0.9 diverged on the
 digits benchmark (``docs/strategies.md``), while plain SGD converged.
 
 The paper averages the model deltas uniformly. This strategy weights them by sample
-count like FedAvg, which is the same when every worker holds as many samples. N is
+count like FedAvg, which is the same when every worker has as many samples. N is
 the larger of ``num_clients`` and the number of distinct workers that have sent an
 update in this run. Both c and that set of workers are saved in the checkpoint.
 """

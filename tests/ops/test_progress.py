@@ -79,6 +79,7 @@ def test_panel_between_rounds_shows_completed() -> None:
     text = rendered(snapshot, [RECORD], now=0.0)
 
     assert "completed 2/5 rounds" in text
+    assert "2/5 rounds completed" in text
     assert "updates" not in text.splitlines()[1]
 
 
@@ -138,8 +139,18 @@ def test_monitor_skips_existing_rounds(tmp_path: Path) -> None:
     monitor.poll()
 
     assert view.records == []
-    assert view.snapshots == []
+    assert view.snapshots == [ProgressSnapshot(rounds_completed=2)]
     assert monitor.rounds_completed == 2
+
+
+def test_monitor_fills_planned_rounds(tmp_path: Path) -> None:
+    view = RecordingView()
+    monitor = RunMonitor(view, tmp_path, lambda: {"fedmq_round": 1.0}, rounds_planned=7)
+
+    monitor.poll()
+
+    assert view.snapshots[-1].rounds_planned == 7
+    assert view.snapshots[-1].round == 1
 
 
 def test_monitor_thread_stops_and_closes_view(tmp_path: Path) -> None:

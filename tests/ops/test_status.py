@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fedmq.broker import BrokerSettings
 from fedmq.cli import main
 from fedmq.errors import BrokerError
 from fedmq.rabbitmq_node import RabbitMQNode
@@ -41,7 +42,9 @@ def wait_for(check: Callable[[], FederationStatus | None], timeout_s: float) -> 
     raise AssertionError(f"the condition did not hold within {timeout_s:.0f} s")
 
 
-def test_status_shows_worker_queues_and_round(make_rabbitmq: Callable[..., RabbitMQNode], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_shows_worker_queues_and_round(
+    make_rabbitmq: Callable[..., RabbitMQNode], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     node = make_rabbitmq(management=True)
     assert node.management_url is not None
     federation = f"ops-status-{uuid.uuid4().hex[:6]}"
@@ -53,7 +56,7 @@ def test_status_shows_worker_queues_and_round(make_rabbitmq: Callable[..., Rabbi
         processes.start("worker", "worker", "--task", "digits", "--worker-id", "live-worker", "--shard", "0/2", "--federation", federation)
 
         def connected() -> FederationStatus | None:
-            status = collect_status(broker_url=node.url, federation=federation, management_url=node.management_url, run_dir=run_dir)
+            status = collect_status(BrokerSettings(url=node.url, federation=federation), management_url=node.management_url, run_dir=run_dir)
             workers = {worker.worker_id: worker for worker in status.workers}
             # The management API publishes connection details after its statistics interval (5 s by default).
             live = workers.get("live-worker")
@@ -91,11 +94,14 @@ def test_status_shows_worker_queues_and_round(make_rabbitmq: Callable[..., Rabbi
         assert "guest:guest" not in text
 
         # The command, with JSON output and AMQP only.
-        code = main(["status", "--broker-url", node.url, "--federation", federation, "--run-dir", str(run_dir), "--json"])
-        shown = json.loads(capsys.readouterr().out)
-        assert code == 0
+        monkeypatch.setenv("FEDMQ_BROKER_URL", node.url)
+        code = main(["status", "--federation", federation, "--run-dir", str(run_dir), "--json"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        shown = json.loads(captured.out)
         assert shown["run"]["current_round"] == 4
-        assert {worker["worker_id"]: worker["connected"] for worker in shown["workers"]} == {"live-worker": True, "gone-worker": False}
+        # Without the management API, only the registry's workers are known.
+        assert {worker["worker_id"]: worker["connected"] for worker in shown["workers"]} == {"gone-worker": False}
         assert shown["broker"].startswith("amqp://guest:***@")
     finally:
         processes.stop_all()
@@ -104,7 +110,7 @@ def test_status_shows_worker_queues_and_round(make_rabbitmq: Callable[..., Rabbi
 def test_status_without_management_lists_known_queues(broker_url: str) -> None:
     federation = f"ops-status-{uuid.uuid4().hex[:6]}"
 
-    status = collect_status(broker_url=broker_url, federation=federation)
+    status = collect_status(BrokerSettings(url=broker_url, federation=federation))
 
     assert [queue.name for queue in status.queues] == [f"{federation}.results", f"{federation}.dead"]
     assert not any(queue.exists for queue in status.queues)
@@ -113,7 +119,7 @@ def test_status_without_management_lists_known_queues(broker_url: str) -> None:
 
 
 def test_status_reports_management_failure(broker_url: str) -> None:
-    status = collect_status(broker_url=broker_url, federation="ops-status-none", management_url="http://127.0.0.1:9/", timeout_s=2.0)
+    status = collect_status(BrokerSettings(url=broker_url, federation="ops-status-none"), management_url="http://127.0.0.1:9/", timeout_s=2.0)
 
     assert status.management_error is not None
     assert "127.0.0.1:9" in status.management_error
@@ -121,4 +127,4 @@ def test_status_reports_management_failure(broker_url: str) -> None:
 
 def test_status_unreachable_broker_raises() -> None:
     with pytest.raises(BrokerError, match="cannot connect"):
-        collect_status(broker_url="amqp://guest:guest@127.0.0.1:9/%2F", federation="ops", timeout_s=2.0)
+        collect_status(BrokerSettings(url="amqp://guest:guest@127.0.0.1:9/%2F", federation="ops"), timeout_s=2.0)

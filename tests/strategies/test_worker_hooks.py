@@ -58,10 +58,10 @@ def test_scaffold_worker_follows_option_two(tmp_path: Path) -> None:
 
     local = trainer(tmp_path)
     aux = {SCAFFOLD_CONTROL_PREFIX + name: tensor for name, tensor in server_control.items()}
-    start = round_start(TASK, start_state, {"strategy": "scaffold", "learning_rate": lr, "max_steps": steps}, aux=aux)
+    start = round_start(TASK, start_state, {"strategy": "scaffold", "learning_rate": lr, "local_epochs": steps}, aux=aux)
     update, deltas, update_aux = decode_update(local.run_round(start)[0])
 
-    # Reference: full-batch SGD on the corrected gradient g + c - c_i.
+    # Reference: full-batch SGD on the corrected gradient g + c - c_i (the batch size exceeds the data, so one step per epoch).
     model = TASK.build_model()
     model.load_state_dict(start_state)
     for _ in range(steps):
@@ -80,7 +80,7 @@ def test_scaffold_worker_follows_option_two(tmp_path: Path) -> None:
     # The new c_i is on disk, and a restarted worker continues from it.
     saved = safetensors.torch.load_file(str(tmp_path / SCAFFOLD_STATE_FILE))
     restarted = trainer(tmp_path)
-    second = round_start(TASK, start_state, {"strategy": "scaffold", "learning_rate": lr, "max_steps": 1}, aux=aux, round_number=2)
+    second = round_start(TASK, start_state, {"strategy": "scaffold", "learning_rate": lr}, aux=aux, round_number=2)
     _, _, second_aux = decode_update(restarted.run_round(second)[0])
     for name in PARAMETER_NAMES:
         np.testing.assert_allclose(saved[name].numpy(), (client_control[name] + torch.from_numpy(update_aux[SCAFFOLD_DELTA_PREFIX + name])).numpy(), rtol=1e-5, atol=1e-6)
@@ -122,7 +122,7 @@ def test_delta_sgd_worker_uses_same_batch_gradients() -> None:
     start_state = seeded_state(TASK, 4)
     lr, amplifier, steps = 0.5, 0.1, 3
     local = trainer()
-    start = round_start(TASK, start_state, {"strategy": "deltasgd", "delta_sgd_amplifier": amplifier, "learning_rate": lr, "max_steps": steps})
+    start = round_start(TASK, start_state, {"strategy": "deltasgd", "delta_sgd_amplifier": amplifier, "learning_rate": lr, "local_epochs": steps})
     update, deltas, _ = decode_update(local.run_round(start)[0])
 
     # Reference: full-batch gradients, so gradients at x_k and x_{k-1} share the batch.
@@ -164,13 +164,13 @@ def test_ifca_worker_trains_cluster_with_lowest_loss() -> None:
     local = trainer()
     random_cluster = seeded_state(TASK, 5)
     fitted = trainer()
-    fitted_start = round_start(TASK, random_cluster, {"max_steps": 200, "local_epochs": 50, "learning_rate": 0.5})
+    fitted_start = round_start(TASK, random_cluster, {"local_epochs": 200, "learning_rate": 0.5})
     fitted.run_round(fitted_start)
     good_cluster = {name: tensor.detach().clone() for name, tensor in fitted.model.state_dict().items()}
 
     # The good model travels as cluster 1 in aux; cluster 0 is in the weights.
     aux = {ifca_cluster_name(1, name): tensor for name, tensor in good_cluster.items()}
-    start = round_start(TASK, random_cluster, {"strategy": "ifca", "ifca_clusters": 2, "ifca_weights_cluster": 0, "max_steps": 2}, aux=aux)
+    start = round_start(TASK, random_cluster, {"strategy": "ifca", "ifca_clusters": 2, "ifca_weights_cluster": 0, "local_epochs": 2}, aux=aux)
     update, deltas, update_aux = decode_update(local.run_round(start)[0])
 
     assert update_aux[IFCA_CHOICE].tolist() == [1]
