@@ -121,6 +121,15 @@ def _measure_memory(approach: str, num_params: int, count: int, body_path: Path,
         from fedmq.tuning import tune_allocator
 
         tune_allocator()
+    # One small round first, so that lazily loaded code and first-use caches of numpy,
+    # torch and msgpack are not counted as aggregation memory.
+    small = make_state(10_000, seed=0)
+    small_expected = expected_tensors(small)
+    warmup = WeightedSum(small)
+    warmup.add(decode_update_body(encode_update(small, CodecSpec("float32"), np.random.default_rng(0)), small_expected), 1.0)
+    apply_mean_delta(small, warmup.mean(in_place=True))
+    del small, warmup
+
     baseline = current_rss_bytes()
     template = make_state(num_params, seed=0)
     expected = expected_tensors(template)

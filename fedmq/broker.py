@@ -68,8 +68,13 @@ class ConsumerCancelledError(BrokerError):
     """The broker cancelled a consumer, for example because its queue was deleted."""
 
 
+class ChannelClosedByBrokerError(BrokerError):
+    """The broker closed the client's channel, for example after RabbitMQ's consumer_timeout."""
+
+
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     ConsumerCancelledError,
+    ChannelClosedByBrokerError,
     pika.exceptions.AMQPConnectionError,
     pika.exceptions.AMQPChannelError,
     pika.exceptions.StreamLostError,
@@ -885,6 +890,13 @@ class BrokerClient:
         self._run_threadsafe_calls()
         self._connection.process_data_events(time_limit=time_limit_s)
         self._run_threadsafe_calls()
+        if self._channel is not None and self._channel.is_closed:
+            # pika raises for a channel that the broker closed only at the next call on
+            # that channel, so without this check the consumers would stop silently.
+            raise ChannelClosedByBrokerError(
+                f"{self.client_name}: the broker closed the channel (see the broker's log for the reason, such as "
+                "a delivery left unacked past consumer_timeout); reconnecting opens a new one and restores the consumers"
+            )
         if self._cancelled_queues:
             raise ConsumerCancelledError(
                 f"{self.client_name}: the broker cancelled the consumer of {', '.join(self._cancelled_queues)}; "

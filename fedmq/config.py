@@ -43,8 +43,8 @@ CONFIGURABLE_COMMANDS = ("coordinator", "worker", "demo", "status")
 SOURCE_DEFAULT = "default"
 REDACTED = "***"
 
-# Option names that contain one of these words hold secrets; `config show` and the
-# run directory's settings.json print them as "***".
+# Options whose names contain one of these words are secrets, so `config show` and
+# the run directory's settings.json print their values as "***".
 SECRET_NAME_PATTERN = re.compile(r"password|secret|key|token", re.IGNORECASE)
 
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -145,10 +145,10 @@ def number(
 
 
 def address(text: str) -> str:
-    """Parse a listen address ``HOST:PORT`` (``[IPV6]:PORT`` for IPv6); ``""`` or ``"0"`` means disabled.
+    """Parse a listen address ``HOST:PORT``, or ``[IPV6]:PORT`` for IPv6.
 
-    Returns the address unchanged, or ``""`` when disabled. Port 0 asks the
-    operating system for a free port.
+    Returns the address unchanged, or ``""`` for ``""`` and ``"0"``, which disable the
+    listener. Port 0 lets the operating system pick a free port.
     """
     text = text.strip()
     if text in ("", "0"):
@@ -161,7 +161,7 @@ def address(text: str) -> str:
 
 
 def split_address(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` or ``[IPV6]:PORT`` into host and port; raises ValueError when invalid."""
+    """Split ``HOST:PORT`` or ``[IPV6]:PORT`` into host and port. Raises ValueError when invalid."""
     expected = "HOST:PORT or [IPV6]:PORT with a port in [0, 65535], or '' or '0' to disable"
     host, sep, port_text = text.rpartition(":")
     if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
@@ -235,7 +235,7 @@ def resolve_settings(
     document: dict[str, Any] = {}
     if configurable:
         flag_value = getattr(namespace, CONFIG_OPTION, UNSET)
-        if flag_value is not UNSET and flag_value is not None:
+        if isinstance(flag_value, (str, Path)):
             config_path, config_source = Path(flag_value), f"flag --{CONFIG_OPTION}"
         elif environ.get(config_env):
             config_path, config_source = Path(environ[config_env]), f"env {config_env}"
@@ -265,7 +265,7 @@ def resolve_settings(
         else:
             source = SOURCE_DEFAULT
             value = original_default
-            if isinstance(value, str) and action.type is not None and not isinstance(action, _FLAG_ACTIONS):
+            if isinstance(value, str) and callable(action.type) and not isinstance(action, _FLAG_ACTIONS):
                 value = action.type(value)
             if required:
                 missing = True
@@ -278,8 +278,8 @@ def resolve_settings(
 
 
 def _subparsers_action(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[Any] | None:
-    # argparse has no public accessor for its subcommands or actions; _actions has
-    # been stable since Python 3.2.
+    # argparse has no public accessor for its subcommands or actions, so this reads
+    # the private _actions list.
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return action
@@ -295,7 +295,7 @@ def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 
 def _relax(parser: argparse.ArgumentParser) -> dict[int, tuple[Any, bool]]:
-    """Make every option optional and unset by default; return the declared (default, required) by action id.
+    """Make every option optional and unset by default. Return the declared (default, required) by action id.
 
     Actions that add to their value (append, extend, count) start from None instead
     of UNSET, because argparse copies and extends the default.
@@ -438,18 +438,26 @@ def _from_toml_scalar(action: argparse.Action, raw: Any, source: str) -> Any:
 def _convert(action: argparse.Action, text: str, source: str) -> Any:
     flag = _flag_name(action)
     value: Any = text
-    if action.type is not None:
+    converter = action.type
+    if callable(converter):
         try:
-            value = action.type(text)
+            value = converter(text)
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"{source}: {flag} {exc}") from None
         except (TypeError, ValueError):
-            kind = {int: "an integer", float: "a number"}.get(action.type, getattr(action.type, "__name__", "a valid value"))
-            raise ConfigError(f"{source}: {flag} must be {kind}, but got {text!r}") from None
+            raise ConfigError(f"{source}: {flag} must be {_type_description(converter)}, but got {text!r}") from None
     if action.choices is not None and value not in action.choices:
         choices = ", ".join(str(choice) for choice in action.choices)
         raise ConfigError(f"{source}: {flag} must be one of {choices}, but got {text!r}")
     return value
+
+
+def _type_description(converter: Callable[[str], Any]) -> str:
+    if converter is int:
+        return "an integer"
+    if converter is float:
+        return "a number"
+    return f"a valid {getattr(converter, '__name__', 'value')}"
 
 
 def _takes_list(action: argparse.Action) -> bool:
@@ -463,7 +471,7 @@ def is_secret_name(name: str) -> bool:
 
 
 def redact_url_password(text: str) -> str:
-    """Replace the password of a ``scheme://user:password@host`` URL with ``***``; other text is returned unchanged."""
+    """Return ``text`` with the password of each ``scheme://user:password@host`` URL in it replaced by ``***``."""
     return re.sub(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/@\s]*@", rf"\g<head>:{REDACTED}@", text)
 
 
@@ -486,14 +494,14 @@ def format_settings(resolved: ResolvedSettings) -> str:
     """Render the effective settings as aligned ``name  value  source`` lines, secrets redacted."""
     rows = []
     for setting in resolved.settings.values():
-        shown = "<required, not set>" if setting.missing else _display(redact_value(setting.name, setting.value))
-        rows.append((setting.name.replace("_", "-"), shown, setting.source))
+        display_value = "<required, not set>" if setting.missing else _display(redact_value(setting.name, setting.value))
+        rows.append((setting.name.replace("_", "-"), display_value, setting.source))
     name_width = max((len(row[0]) for row in rows), default=0)
     value_width = min(max((len(row[1]) for row in rows), default=0), 60)
     config = str(resolved.config_path) if resolved.config_path is not None else "none"
     lines = [f"{resolved.command or 'fedmq'} settings (config file: {config})"]
-    for name, shown, source in rows:
-        lines.append(f"  {name:<{name_width}}  {shown:<{value_width}}  {source}")
+    for name, display_value, source in rows:
+        lines.append(f"  {name:<{name_width}}  {display_value:<{value_width}}  {source}")
     return "\n".join(lines)
 
 

@@ -43,8 +43,9 @@ def _format_bytes(count: float) -> str:
 
 
 def _free_loopback_port() -> int:
-    # The port is free now; another process may take it before the coordinator binds
-    # it, and then the coordinator runs without metrics and the view shows completed rounds only.
+    # The port is free now, but another process may take it before the coordinator
+    # binds it. The coordinator then runs without metrics, and the view shows only
+    # the completed rounds.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])

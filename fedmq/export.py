@@ -50,7 +50,7 @@ class ExportResult:
 def export_model(run_dir: Path, out_dir: Path | None = None) -> ExportResult:
     """Write the run's global model into ``out_dir`` (default RUN_DIR/export) in both formats.
 
-    Raises ConfigError when ``run_dir`` holds neither a final model nor a checkpoint,
+    Raises ConfigError when ``run_dir`` contains neither a final model nor a checkpoint,
     and CheckpointError when the model file cannot be read.
     """
     if not run_dir.is_dir():

@@ -2,9 +2,9 @@
 
 Every record gets the attributes ``run_id``, ``round``, ``worker_id`` and
 ``message_id``. A value passed with ``extra=`` wins. Otherwise the value comes from
-the log context of the current thread, which the services set with
-``push_log_context`` and ``log_context`` where a run, a round or a message is being
-handled, so log calls keep their lazy ``%s`` arguments and need no ids of their own.
+the log context of the current thread. The services set that context with
+``log_context`` and ``set_log_context`` while they handle a run, a round or a
+message, so log calls keep their lazy ``%s`` arguments and pass no ids themselves.
 An id that does not apply is None and is left out of the output.
 
 The context lives in a ``contextvars.ContextVar``. A new thread starts with an empty
@@ -124,10 +124,10 @@ class JsonFormatter(logging.Formatter):
 
 
 class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler that writes to whatever ``sys.stderr`` is at each record.
+    """A stream handler that writes each record to the ``sys.stderr`` of that moment.
 
-    The live progress view replaces ``sys.stderr`` while it runs so that log lines
-    print above the view; a handler that kept the original stream would draw over it.
+    The live progress view replaces ``sys.stderr`` while it runs, so that log lines
+    print above the view. A handler that kept the original stream would draw over it.
     """
 
     def __init__(self) -> None:

@@ -15,8 +15,9 @@ Coordinator metrics (names as exposed):
   count that closes it early (the quorum), and its deadline as a Unix time.
 - ``fedmq_workers_known``: workers that count toward the quorum.
 - ``fedmq_updates_accepted_total`` and ``fedmq_updates_rejected_total{reason}``. The
-  reasons are the validation reasons of the dead-lettered updates plus ``stale``,
-  ``duplicate`` and ``other_run`` for updates that were discarded.
+  reasons are those of the messages dead-lettered from the results queue (validation
+  reasons, ``wrong_round``, ``invalid_message``) plus ``stale``, ``duplicate`` and
+  ``other_run`` for updates that were discarded.
 - ``fedmq_dropouts_total``: workers sent a round that did not reply before it closed.
 - ``fedmq_round_duration_seconds``: histogram of round durations.
 - ``fedmq_bytes_sent_total``, ``fedmq_bytes_received_total``: AMQP body bytes.
@@ -60,12 +61,19 @@ TRAINING_DURATION_BUCKETS_S = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 
 
 class RoundView(Protocol):
-    """What the coordinator's metrics read from an open round (coordinator.rounds.RoundState)."""
+    """The read-only view of an open round (coordinator.rounds.RoundState) that the gauges copy."""
 
-    round: int
-    attempt: int
-    deadline_unix: float
-    accepted: Mapping[str, int]
+    @property
+    def round(self) -> int: ...
+
+    @property
+    def attempt(self) -> int: ...
+
+    @property
+    def deadline_unix(self) -> float: ...
+
+    @property
+    def accepted(self) -> Mapping[str, int]: ...
 
     @property
     def target(self) -> int: ...
@@ -131,7 +139,7 @@ class CoordinatorMetrics:
         self._broker = broker
 
     def observe_round(self, state: RoundView | None, workers_known: int) -> None:
-        """Copy the open round's progress into the gauges; cheap enough to call on every event-loop turn."""
+        """Copy the open round's progress into the gauges. Cheap enough to call on every event-loop turn."""
         self.workers_known.set(workers_known)
         if state is None:
             self.updates_received.set(0)
@@ -170,8 +178,8 @@ class CoordinatorMetrics:
 class WorkerMetrics:
     """A worker's metrics (see the module docstring) in a registry of their own.
 
-    The training thread calls ``round_trained`` and ``training_failed``;
-    prometheus-client's metrics are thread-safe.
+    The training thread calls ``round_trained`` and ``training_failed``, which is safe
+    because prometheus-client's metrics are thread-safe.
     """
 
     def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
@@ -227,7 +235,7 @@ class MetricsServer:
         return f"http://{shown}:{self.port}/metrics"
 
     def start(self) -> bool:
-        """Start serving; return False when disabled or the address cannot be bound."""
+        """Start serving. Return False when disabled or when the address cannot be bound."""
         if not self.address or self._server is not None:
             return self._server is not None
         host, port = split_address(self.address)

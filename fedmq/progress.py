@@ -215,10 +215,10 @@ def open_progress(mode: str, *, stream: TextIO | None = None, title: str = "fedm
 
 
 class RunMonitor:
-    """Feeds a view from a run directory's completed rounds and a live metrics source.
+    """A poller that feeds a view from a run directory's completed rounds and a live metrics source.
 
     ``live_samples`` returns the coordinator's metric samples, or None while they are
-    unavailable; the view then shows the completed rounds only. Call ``poll``
+    unavailable. The view then shows the completed rounds only. Call ``poll``
     periodically, or ``start`` a thread that does.
     """
 
@@ -284,7 +284,7 @@ class RunMonitor:
             data = file.read()
         self._offset += len(data)
         data = self._pending + data
-        # A line without its newline is still being written; keep it for the next poll.
+        # A line without its newline is still being written, so it waits for the next poll.
         complete, _, self._pending = data.rpartition(b"\n")
         records = []
         for line in complete.splitlines():

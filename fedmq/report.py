@@ -55,7 +55,7 @@ PLOTS = (
 
 
 def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
-    """Draw the plots and write ``report.html`` into ``out_dir`` (default RUN_DIR/report); return the page's path.
+    """Draw the plots and write ``report.html`` into ``out_dir`` (default RUN_DIR/report). Return the page's path.
 
     Raises ConfigError when ``run_dir`` is not a folder or has no completed round.
     """
@@ -100,7 +100,7 @@ def round_bytes(records: Sequence[Mapping[str, Any]]) -> list[tuple[float, float
 
 def _latest_per_round(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # A coordinator that crashed after appending a round's record but before its
-    # checkpoint repeats that round on restart; the later record is the one that counts.
+    # checkpoint repeats that round on restart. The later record is the one that counts.
     by_round: dict[int, dict[str, Any]] = {}
     for record in records:
         by_round[int(record["round"])] = record

@@ -5,7 +5,7 @@ One coordinator run keeps everything in one folder:
 - ``settings.json``: the effective settings of the latest start, secrets redacted.
 - ``metrics.jsonl``: one JSON object per completed round.
 - ``checkpoint/``: the latest checkpoint (coordinator.checkpoint), whose
-  ``state.json`` also holds the worker registry under ``extra.workers``.
+  ``state.json`` also contains the worker registry under ``extra.workers``.
 - ``final_model.safetensors``: the global model after the last round.
 - ``report/`` and ``export/``: written by ``fedmq report`` and ``fedmq export``.
 """
@@ -45,7 +45,7 @@ def settings_record(settings: Any) -> dict[str, Any]:
 
 
 def write_settings(run_dir: Path, settings: Any, *, service: str, run_id: str) -> Path:
-    """Write ``settings.json`` for the service's latest start; replaces the previous file atomically."""
+    """Write ``settings.json`` for the service's latest start, replacing the previous file atomically."""
     document = {
         "service": service,
         "run_id": run_id,
@@ -81,8 +81,8 @@ def read_settings(run_dir: Path) -> dict[str, Any] | None:
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
     """Return the per-round records of ``metrics.jsonl``, oldest first.
 
-    A last line cut short by a crash is skipped with a warning; an invalid line
-    elsewhere is skipped the same way.
+    A line that is not valid JSON, such as a last line cut short by a crash, is
+    skipped with a warning.
     """
     path = run_dir / METRICS_FILE
     if not path.exists():

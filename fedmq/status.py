@@ -52,7 +52,7 @@ class QueueStatus:
 
 @dataclass
 class WorkerStatus:
-    """One worker. None means the sources at hand do not tell."""
+    """A worker's state. A field is None when no source at hand reports it."""
 
     worker_id: str
     connected: bool | None = None
@@ -295,7 +295,7 @@ def _get_json(url: str, authorization: str, timeout_s: float) -> list[dict[str, 
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise BrokerError(f"GET {url} failed: {exc}") from exc
     if not isinstance(document, list):
-        raise BrokerError(f"GET {url} returned {type(document).__name__}, expected a JSON list")
+        raise BrokerError(f"GET {url} returned a JSON {type(document).__name__}, but a JSON list was expected")
     return [item for item in document if isinstance(item, dict)]
 
 

@@ -53,6 +53,8 @@ PART_DTYPES: dict[str, np.dtype[Any]] = {
 
 # Limits on the msgpack header, checked by the unpacker before it allocates.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# Data regions from this size on start at an ALIGNMENT boundary of the frame.
+MIN_ALIGNED_BYTES = 64 * 1024
 MAX_TENSORS = 100_000
 MAX_NDIM = 32
 
@@ -146,7 +148,8 @@ def pack_frame(
         "raw_bytes": raw_size,
         "data_bytes": len(payload),
     }
-    header_bytes = _aligned_header(header)
+    # Small messages skip the alignment pad: their few bytes decode fast either way.
+    header_bytes = _aligned_header(header) if raw_size >= MIN_ALIGNED_BYTES else msgpack.packb(header, use_bin_type=True)
     return b"".join((PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)), header_bytes, payload))
 
 

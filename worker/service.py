@@ -282,6 +282,9 @@ class Worker:
         # A new thread starts with an empty log context.
         with log_context(worker_id=self.worker_id, run_id=start.run_id, round=start.round):
             self._train_round(start)
+        # Wake the main thread, which may wait up to its poll interval for broker events,
+        # so the result is published at once.
+        self.broker.call_threadsafe(lambda: None)
 
     def _train_round(self, start: RoundStart) -> None:
         assert self.trainer is not None, "a round starts only after the shard is loaded"

@@ -239,11 +239,13 @@ def krum_scores(matrix: np.ndarray, byzantine_workers: int) -> np.ndarray:
 
 
 def _to_dtype(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    # torch.as_tensor also takes the numpy scalars that reductions of 0-d tensors return.
+    tensor = torch.as_tensor(values, dtype=torch.float64)
     if dtype == torch.bool:
-        return torch.from_numpy(values > 0.5)
+        return tensor > 0.5
     if not dtype.is_floating_point:
-        return torch.from_numpy(np.round(values)).to(dtype)
-    return torch.from_numpy(values.astype(np.float32))
+        return torch.round(tensor).to(dtype)
+    return tensor.to(torch.float32)
 
 
 def _is_int(value: object) -> bool:

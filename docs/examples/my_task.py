@@ -72,7 +72,7 @@ def _load_arrays() -> tuple[np.ndarray, np.ndarray]:
     data = load_breast_cancer()
     features = data.data.astype(np.float64)
     # NOTE: these scaling statistics come from the whole dataset, which no single
-    # party of a real federation sees. A real task fixes them in advance or computes
-    # them with a federated round of its own.
+    # party of a real federation can read. A real task fixes them in advance or
+    # computes them with a federated round of its own.
     features = (features - features.mean(axis=0)) / features.std(axis=0)
     return features.astype(np.float32), data.target.astype(np.int64)

@@ -12,6 +12,7 @@ import pika
 import pika.exceptions
 import pytest
 
+from fedmq.broker import BrokerClient, BrokerSettings, ChannelClosedByBrokerError, Delivery
 from fedmq.rabbitmq_node import RabbitMQNode
 from tests.e2e.helpers import FedmqProcesses, read_metrics, unique_federation, wait_for
 from tests.helper_tasks.slow import MARKER_DIR_ENV, SLEEP_ENV
@@ -46,23 +47,23 @@ def test_killed_worker_counts_as_dropout(broker_url: str, tmp_path: Path) -> Non
     marker_dir = tmp_path / "markers"
     marker_dir.mkdir()
     run_dir = tmp_path / "run"
-    rounds = 3
     env = {SLEEP_ENV: "2", MARKER_DIR_ENV: str(marker_dir)}
     with FedmqProcesses(log_dir=tmp_path / "logs", broker_url=broker_url, federation=unique_federation("e2e-kill"), env=env) as processes:
+        # Round 2 waits for its deadline, because the killed worker never replies.
         coordinator = processes.start_coordinator(
             task="digits",
-            rounds=rounds,
+            rounds=2,
             run_dir=run_dir,
-            arguments=["--min-workers", "3", "--min-updates", "2", "--round-deadline-s", "12", "--max-round-retries", "0"],
+            arguments=["--min-workers", "3", "--min-updates", "2", "--round-deadline-s", "30", "--max-round-retries", "0"],
         )
         workers = [
-            processes.start_worker(f"worker-{index + 1}", task=SLOW_TASK, shard=f"{index}/3", arguments=["--exit-after-rounds", str(rounds)])
+            processes.start_worker(f"worker-{index + 1}", task=SLOW_TASK, shard=f"{index}/3", arguments=["--exit-after-rounds", "2"])
             for index in range(3)
         ]
         victim = workers[2]
 
         # Kill worker-3 once it is inside its training call of round 2.
-        wait_for(lambda: len(read_metrics(run_dir)) >= 1, timeout_s=RUN_TIMEOUT_S, description="round 1", diagnostics=processes.log_tails)
+        wait_for(lambda: read_metrics(run_dir), timeout_s=RUN_TIMEOUT_S, description="round 1", diagnostics=processes.log_tails)
         wait_for(
             lambda: _marker(marker_dir, victim.pid, 2).exists(),
             timeout_s=60,
@@ -72,19 +73,19 @@ def test_killed_worker_counts_as_dropout(broker_url: str, tmp_path: Path) -> Non
         assert victim.kill() == -signal.SIGKILL
 
         exit_status = coordinator.wait(RUN_TIMEOUT_S)
-        assert exit_status == 0, processes.log_tails()
-        for survivor in workers[:2]:
-            assert survivor.wait(60) == 0, processes.log_tails()
+        survivor_statuses = [survivor.wait(60) for survivor in workers[:2]]
+        diagnostics = processes.log_tails()
+    assert exit_status == 0, diagnostics
+    assert survivor_statuses == [0, 0], diagnostics
 
     records = read_metrics(run_dir)
-    assert [record["round"] for record in records] == [1, 2, 3]
-    assert records[0]["accepted"] == 3
-    assert records[0]["dropouts"] == []
-    for record in records[1:]:
-        assert record["accepted"] == 2, record
-        assert record["dropouts"] == ["worker-3"], record
-        assert record["model_updated"] is True, record
-    # The killed worker's process never got past the sleep of round 2.
+    assert [record["round"] for record in records] == [1, 2], diagnostics
+    assert records[0]["accepted"] == 3, diagnostics
+    assert records[0]["dropouts"] == [], diagnostics
+    assert records[1]["accepted"] == 2, diagnostics
+    assert records[1]["dropouts"] == ["worker-3"], diagnostics
+    assert records[1]["model_updated"] is True, diagnostics
+    # The killed worker never finished training round 2.
     assert "round 2: trained" not in victim.log_text()
 
 
@@ -174,8 +175,35 @@ def test_long_training_keeps_connection(make_rabbitmq: Callable[..., RabbitMQNod
     closed, after_s = _consume_without_ack(node.url, f"control-{uuid.uuid4().hex[:8]}", hold_s=TRAIN_SLEEP_S + 4)
     assert closed, f"the broker did not close a channel holding an unacked message for {TRAIN_SLEEP_S + 4:.0f} s"
     assert after_s >= CONSUMER_TIMEOUT_MS / 1000
-    assert CONSUMER_TIMEOUT_LOG in _node_log(node)
+    wait_for(lambda: CONSUMER_TIMEOUT_LOG in _node_log(node), timeout_s=10, description="the broker to log the consumer timeout")
 
     # ... and a connection whose thread does no I/O for the training time is dropped.
     assert not _connection_survives_without_io(node.url, HEARTBEAT_S, idle_s=TRAIN_SLEEP_S)
     wait_for(lambda: MISSED_HEARTBEATS_LOG in _node_log(node), timeout_s=10, description="the broker to log missed heartbeats")
+
+
+def test_broker_client_reports_consumer_timeout(make_rabbitmq: Callable[..., RabbitMQNode]) -> None:
+    node = make_rabbitmq(consumer_timeout_ms=2000, advanced_config=TICK_CONFIG)
+    client = BrokerClient(BrokerSettings(url=node.url, federation=unique_federation("timeout")), client_name="timeout-test")
+    deliveries: list[Delivery] = []
+    client.connect()
+    try:
+        client.consume(client.topology.results_queue, deliveries.append)
+        client.publish(client.topology.results_exchange, client.topology.results_queue, b"held")
+
+        # The delivery stays unacked until the broker closes the channel.
+        started = time.monotonic()
+        with pytest.raises(ChannelClosedByBrokerError):
+            while time.monotonic() - started < 15:
+                client.process_events(0.2)
+        assert len(deliveries) == 1
+        assert time.monotonic() - started >= 2.0
+
+        # Reconnecting restores the consumer, and the broker delivers the message again.
+        client.reconnect()
+        wait_for(lambda: (client.process_events(0.2), len(deliveries) == 2)[1], timeout_s=15, description="the redelivery")
+        assert deliveries[1].redelivered
+        assert bytes(deliveries[1].body) == b"held"
+        client.ack(deliveries[1])
+    finally:
+        client.close()

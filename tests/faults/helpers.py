@@ -356,6 +356,21 @@ class FakeWorker:
         self.client.close()
 
 
+def random_deltas(start: RoundStart, seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
+    """Float32 deltas with the shapes of the round start's model, named as in the state dict."""
+    rng = np.random.default_rng(seed)
+    return {name: (rng.standard_normal(tensor.shape) * scale).astype(np.float32) for name, tensor in start.weights.items()}
+
+
+def apply_mean(model: Mapping[str, torch.Tensor], weighted: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, torch.Tensor]:
+    """FedAvg in float64: ``model`` plus the sample-weighted mean of the deltas."""
+    total = sum(weight for weight, _ in weighted)
+    return {
+        name: value.double() + sum(weight * torch.from_numpy(deltas[name]).double() for weight, deltas in weighted) / total
+        for name, value in model.items()
+    }
+
+
 # Custom coordinator entry point
 
 

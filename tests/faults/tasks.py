@@ -3,7 +3,8 @@
 Faults are set per process through environment variables, so one test can give each
 worker its own behaviour while the coordinator and every worker load the same task:
 
-- ``FEDMQ_FAULT_TRAIN_DELAY_S``: seconds to sleep before each local training call.
+- ``FEDMQ_FAULT_TRAIN_DELAY_S``: seconds to sleep before each local training call,
+  from call ``FEDMQ_FAULT_DELAY_FROM_CALL`` on (counted from 1, default 1).
 - ``FEDMQ_FAULT_FAIL_CALLS``: comma-separated ``CALL:ERROR`` pairs. The CALL-th
   training call of the process (counted from 1) raises ERROR, one of
   ``RuntimeError`` or ``MemoryError``. The MemoryError comes from a real failed
@@ -22,6 +23,7 @@ from fedmq.tasks import DigitsTask, LocalData, TrainConfig, TrainResult
 from fedmq.tasks.base import GradientHook
 
 DELAY_ENV = "FEDMQ_FAULT_TRAIN_DELAY_S"
+DELAY_FROM_ENV = "FEDMQ_FAULT_DELAY_FROM_CALL"
 FAIL_ENV = "FEDMQ_FAULT_FAIL_CALLS"
 
 # A bytearray of this many bytes exceeds any address space, so allocating it raises MemoryError.
@@ -47,6 +49,7 @@ class FaultyDigitsTask(DigitsTask):
     def __init__(self) -> None:
         super().__init__()
         self.delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
+        self.delay_from_call = int(os.environ.get(DELAY_FROM_ENV, "1") or 1)
         self.failures = _failures_from_environment()
         self.calls = 0
 
@@ -60,7 +63,7 @@ class FaultyDigitsTask(DigitsTask):
         gradient_hook: GradientHook | None = None,
     ) -> TrainResult:
         self.calls += 1
-        if self.delay_s > 0:
+        if self.delay_s > 0 and self.calls >= self.delay_from_call:
             time.sleep(self.delay_s)
         failure = self.failures.get(self.calls)
         if failure == "RuntimeError":

@@ -1,4 +1,4 @@
-"""The custom task of docs/custom-task.md loads, trains, and runs a federation as the page says."""
+"""The custom task of docs/custom-task.md loads, trains, and runs a federation with the page's commands."""
 
 from __future__ import annotations
 

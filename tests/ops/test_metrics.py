@@ -73,12 +73,12 @@ def test_updates_counted_by_reason() -> None:
 
     metrics.update_accepted()
     metrics.update_accepted()
-    metrics.update_rejected("shape_mismatch")
+    metrics.update_rejected("wrong_shape")
     metrics.update_rejected("stale")
     metrics.update_rejected("stale")
 
     assert sample(metrics, "fedmq_updates_accepted_total") == 2.0
-    assert sample(metrics, "fedmq_updates_rejected_total", {"reason": "shape_mismatch"}) == 1.0
+    assert sample(metrics, "fedmq_updates_rejected_total", {"reason": "wrong_shape"}) == 1.0
     assert sample(metrics, "fedmq_updates_rejected_total", {"reason": "stale"}) == 2.0
 
 

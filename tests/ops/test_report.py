@@ -53,7 +53,7 @@ def test_round_bytes_handle_restart() -> None:
 
 def test_report_writes_plots_and_page(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    write_run(run_dir, [record(1), record(2, dropouts=["w-3"], accepted=2, rejected={"shape_mismatch": 1}), record(3)])
+    write_run(run_dir, [record(1), record(2, dropouts=["w-3"], accepted=2, rejected={"wrong_shape": 1}), record(3)])
     write_settings(run_dir, {"task": "digits", "rounds": 3, "broker": {"url": "amqp://u:secret-pw@h/%2F"}}, service="coordinator", run_id="run-abc")
 
     page = build_report(run_dir)

@@ -150,7 +150,8 @@ def test_coordinator_json_logs_carry_ids(recorded_run: RecordedRun) -> None:
     assert service
     for entry in entries:
         assert {"time", "level", "logger", "message"} <= set(entry)
-    assert len(run_ids) == 1 and None not in run_ids, run_ids
+    assert None not in run_ids
+    assert len(run_ids) == 1, run_ids
     summaries = [entry for entry in service if re.search(r"round \d+/\d+: accuracy", entry["message"])]
     assert [entry["round"] for entry in summaries] == list(range(1, ROUNDS + 1))
     joins = [entry for entry in service if " joined " in entry["message"]]
@@ -241,7 +242,8 @@ def test_report_images_load_in_chromium(
     assert sorted(image["src"] for image in images) == sorted(PLOT_FILES)
     for image in images:
         assert image["complete"], image
-        assert image["width"] > 100 and image["height"] > 100, image
+        assert image["width"] > 100, image
+        assert image["height"] > 100, image
 
 
 PROBE_SCRIPT = """<script>
