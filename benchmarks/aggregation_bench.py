@@ -72,9 +72,9 @@ def _speed(num_params: int, count: int, repeats: int) -> dict[str, Any]:
     return {
         "params": int(flats[0].numel()),
         "updates": count,
-        "bound_s": round(bound_s, 4),
-        "weighted_sum_s": round(sum_s, 4),
-        "coordinator_path_s": round(path_s, 4),
+        "bound_s": round(bound_s, 6),
+        "weighted_sum_s": round(sum_s, 6),
+        "coordinator_path_s": round(path_s, 6),
         "weighted_sum_vs_bound": ratio(bound_s, sum_s),
         "coordinator_path_vs_bound": ratio(bound_s, path_s),
     }
@@ -156,7 +156,11 @@ def _measure_memory(approach: str, num_params: int, count: int, body_path: Path,
             kept.append((float(index + 1), {name: torch.tensor(array) for name, array in values.items()}))
             del values, received
         weight_total = sum(weight for weight, _ in kept)
-        mean = {name: sum(weight * update[name] for weight, update in kept) / weight_total for name in template}
+        mean = {}
+        for name, tensor in template.items():
+            mean[name] = torch.zeros_like(tensor)
+            for weight, update in kept:
+                mean[name] += weight / weight_total * update[name]
     new_global = apply_mean_delta(template, mean)
     assert set(new_global) == set(template)
 

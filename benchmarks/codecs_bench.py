@@ -88,9 +88,9 @@ def run(*, quick: bool) -> dict[str, Any]:
                     "codec": text,
                     "message_bytes": len(body),
                     "bytes_per_param": round(len(body) / actual_params, 4),
-                    "copy_s": round(copy_s, 5),
-                    "encode_s": round(encode_s, 5),
-                    "decode_s": round(decode_s, 5),
+                    "copy_s": round(copy_s, 7),
+                    "encode_s": round(encode_s, 7),
+                    "decode_s": round(decode_s, 7),
                     "encode_vs_copy": ratio(copy_s, encode_s),
                     "decode_vs_copy": ratio(copy_s, decode_s),
                 }

@@ -1,9 +1,9 @@
 """Section ``compression``: bytes per round and final accuracy for every uplink codec.
 
 Each run is a federated training of 10 workers with FedAvg, simulated in this process
-on the production code: ``LocalTrainer.run_round`` on the workers (training, error
-feedback, encoding), and on the coordinator ``Downlink`` (float16 deltas after a full
-first round), ``decode_update`` and the FedAvg strategy. Every message is encoded and
+on the production code. The workers run ``LocalTrainer.run_round`` (training, error
+feedback, encoding). The coordinator side runs ``Downlink`` (float16 deltas after a
+full first round), ``decode_update`` and the FedAvg strategy. Every message is encoded and
 decoded as it would travel (lossless stage ``auto``), so the byte counts are those of
 the message bodies; AMQP framing adds a few hundred bytes per message on top. Only
 the broker is left out.
@@ -105,9 +105,9 @@ def run(*, quick: bool) -> dict[str, Any]:
         else:
             plan = [(name, part, codec, FULL_ROUNDS[name]) for name in ("digits", "mnist") for part in PARTITIONS for codec in CODEC_TEXTS]
         tasks: dict[str, Task] = {"digits": DigitsTask(), "mnist": MnistTask()}
-        results = []
+        results: list[dict[str, Any]] = []
         for task_name, partition_name, codec, rounds in plan:
-            row = {"task": task_name, "partition": partition_name, "codec": codec, "rounds": rounds}
+            row: dict[str, Any] = {"task": task_name, "partition": partition_name, "codec": codec, "rounds": rounds}
             row.update(simulate(tasks[task_name], PARTITIONS[partition_name], codec, rounds))
             results.append(row)
     finally:

@@ -41,6 +41,7 @@ from coordinator.aggregation import ZeroWeightError
 from coordinator.privacy import PrivateStrategy
 from coordinator.strategies import ClientUpdate, Strategy, StrategyContext, load_strategy
 from coordinator.validation import decode_aux, decode_update, expected_tensors
+from fedmq.errors import FedmqError
 from fedmq.tasks import LocalData, PartitionSpec, Task, load_task
 from schemas.messages import RoundStart, Update, decode_message, encode_message
 from schemas.tensors import encode_state
@@ -102,9 +103,11 @@ def simulate(
     """Run ``rounds`` rounds of ``strategy`` over workers holding ``datas``, in process.
 
     Every worker takes part in a round with probability ``participation``, drawn
-    from a generator seeded with ``seed``. A round in which nobody takes part leaves
-    the model unchanged. Updates of ``attack.workers`` are scaled after decoding, as a
-    worker that sends arbitrary values would.
+    from a generator seeded with ``seed``. A round in which nobody takes part, or
+    whose aggregate is not finite, leaves the model unchanged, and a worker whose
+    training raises is left out of the round, as over a broker. Updates of
+    ``attack.workers`` are scaled after decoding, as a worker that sends arbitrary
+    values would.
     """
     started = time.monotonic()
     strategy.setup(StrategyContext.from_task(task, train_config=train_config, seed=seed))
@@ -128,7 +131,12 @@ def simulate(
         start = _round_start(task, strategy, global_state, train_config, round_number)
         chosen = [trainer for trainer in trainers if rng.random() < participation]
         for trainer in chosen:
-            body, _ = trainer.run_round(start)
+            try:
+                body, _ = trainer.run_round(start)
+            except FedmqError as exc:
+                # A worker would send TrainingFailed, for example after the global model diverged.
+                logger.debug("%s round %d: %s failed to train: %s", label, round_number, trainer.worker_id, exc)
+                continue
             update = decode_message(body)
             assert isinstance(update, Update)
             values = decode_update(update, expected)
@@ -141,9 +149,12 @@ def simulate(
             strategy.check_update(client_update)
             strategy.add_update(client_update)
         try:
-            global_state = strategy.finish_round(global_state)
+            new_state = strategy.finish_round(global_state)
         except ZeroWeightError:
-            pass
+            new_state = global_state
+        # Like the coordinator, a non-finite aggregate leaves the global model unchanged.
+        if all(bool(torch.isfinite(tensor).all()) for tensor in new_state.values() if tensor.is_floating_point()):
+            global_state = new_state
         model.load_state_dict(global_state)
         result.accuracy.append(float(task.evaluate(model, test_x, test_y)["accuracy"]))
         result.participants.append(len(chosen))

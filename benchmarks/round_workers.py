@@ -2,7 +2,7 @@
 
 ``fedmq`` mode runs real ``worker.service.Worker`` objects on a task whose training is a
 no-op, so a round costs only the protocol: receive and decode the model, encode a
-model-sized update, publish it. ``raw`` mode runs pika consumers that answer each
+model-sized update, publish it. ``raw`` mode runs pika consumers that reply to each
 message with the same number of bytes, published with the same delivery settings
 (persistent, publisher confirms, mandatory) to a results queue of the same type.
 

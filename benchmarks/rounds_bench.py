@@ -9,7 +9,7 @@ model, so each round moves the model's size once to every worker and once back.
 
 raw pika: the same process layout. This process publishes one body of the model's
 size to a fanout exchange bound to one durable queue per worker thread. Each thread
-answers with the same number of bytes to a quorum results queue, which this process
+replies with the same number of bytes to a quorum results queue, which this process
 consumes. Messages are persistent and publishes wait for confirms, as in fedmq.
 
 Both run ``ROUNDS`` rounds; the figure is the median of all rounds but the first.

@@ -321,7 +321,7 @@ def _log_retry(what: str) -> Callable[[RetryCallState], None]:
     def log(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         wait_s = state.next_action.sleep if state.next_action else 0.0
-        logger.warning("%s failed [attempt %d]: %s; retrying in %.1f s", what, state.attempt_number, error, wait_s)
+        logger.warning("%s failed [attempt %d]: %r; retrying in %.1f s", what, state.attempt_number, error, wait_s)
 
     return log
 

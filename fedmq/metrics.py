@@ -24,8 +24,8 @@ Coordinator metrics (names as exposed):
 - ``fedmq_eval_accuracy``, ``fedmq_eval_loss``: the latest evaluation of the global
   model on the held-out set (NaN before the first round).
 - ``fedmq_last_round_timestamp_seconds``: when the last round completed.
-- ``fedmq_privacy_epsilon``: privacy budget spent; NaN until a differential privacy
-  mechanism sets it.
+- ``fedmq_privacy_epsilon``: privacy budget spent, from the ``privacy`` entry of the
+  round's record; NaN without a strategy that accounts differential privacy.
 - ``fedmq_run_info{run_id, task, federation}``: always 1.
 
 Worker metrics: ``fedmq_worker_rounds_trained_total``,
@@ -169,6 +169,10 @@ class CoordinatorMetrics:
         if "loss" in evaluation:
             self.eval_loss.set(float(evaluation["loss"]))
         self.last_round_time.set(float(record.get("finished_unix", 0.0)))
+        # A strategy that accounts differential privacy adds the epsilon spent so far.
+        privacy = record.get("privacy")
+        if isinstance(privacy, Mapping) and isinstance(privacy.get("epsilon"), (int, float)):
+            self.privacy_epsilon.set(float(privacy["epsilon"]))
         self.updates_received.set(0)
 
     def set_privacy_epsilon(self, epsilon: float) -> None:

@@ -43,8 +43,10 @@ def test_codecs_section_quick() -> None:
     rows = section["results"]
     assert len(rows) == len(codecs_bench.QUICK_SIZES) * len(codecs_bench.CODEC_TEXTS)
     for row in rows:
-        assert row["encode_s"] > 0 and row["decode_s"] > 0 and row["copy_s"] > 0
-        assert row["encode_vs_copy"] == pytest.approx(row["copy_s"] / row["encode_s"], rel=0.01)
+        assert row["encode_s"] > 0
+        assert row["decode_s"] > 0
+        assert row["copy_s"] > 0
+        assert row["encode_vs_copy"] == pytest.approx(row["copy_s"] / row["encode_s"], rel=0.02)
     float32 = next(row for row in rows if row["codec"] == "float32")
     assert float32["bytes_per_param"] == pytest.approx(4.0, abs=0.05)
 
@@ -65,7 +67,7 @@ def test_weighted_sum_speed_rows_are_consistent() -> None:
     row = aggregation_bench._speed(200_000, 3, repeats=1)
     assert row["updates"] == 3
     assert row["params"] > 0
-    assert row["weighted_sum_vs_bound"] == pytest.approx(row["bound_s"] / row["weighted_sum_s"], rel=0.01)
+    assert row["weighted_sum_vs_bound"] == pytest.approx(row["bound_s"] / row["weighted_sum_s"], rel=0.05)
 
 
 def test_compression_simulation_counts_bytes() -> None:
@@ -98,5 +100,6 @@ def test_report_renders_every_section(tmp_path: Path) -> None:
     assert written["sections"]["codecs"]["results"]
     assert "## codecs" in page
     assert results["machine"]["cpu_cores"] >= 1
-    assert "torch" in page and "pika" in page and "rabbitmq" in page
+    for component in ("torch", "numpy", "pika", "rabbitmq"):
+        assert component in page
     assert report.render(results) == page

@@ -146,7 +146,7 @@ def test_bool_mean_is_weighted_majority() -> None:
 
     mean = total.mean()["mask"]
 
-    # Weighted True share per entry: 3/6, 5/6, 3/6, 4/6; exactly one half is a tie and stays False.
+    # The weighted share of True per entry is 3/6, 5/6, 3/6 and 4/6. Exactly one half is a tie and stays False.
     assert mean.dtype == torch.bool
     assert mean.tolist() == [False, True, False, True]
 
@@ -154,9 +154,9 @@ def test_bool_mean_is_weighted_majority() -> None:
 def test_zero_sample_worker_changes_nothing() -> None:
     rng = np.random.default_rng(9)
     template = {"w": torch.zeros(6), "steps": torch.tensor(0, dtype=torch.int64)}
-    first = {"w": rng.normal(size=6).astype(np.float32), "steps": np.array(4, dtype=np.int64)}
-    second = {"w": rng.normal(size=6).astype(np.float32), "steps": np.array(8, dtype=np.int64)}
-    empty_worker = {"w": np.full(6, np.nan, dtype=np.float32), "steps": np.array(10**6, dtype=np.int64)}
+    first: dict[str, np.ndarray] = {"w": rng.normal(size=6).astype(np.float32), "steps": np.array(4, dtype=np.int64)}
+    second: dict[str, np.ndarray] = {"w": rng.normal(size=6).astype(np.float32), "steps": np.array(8, dtype=np.int64)}
+    empty_worker: dict[str, np.ndarray] = {"w": np.full(6, np.nan, dtype=np.float32), "steps": np.array(10**6, dtype=np.int64)}
 
     without = WeightedSum(template)
     without.add(first, 30.0)

@@ -268,7 +268,7 @@ def test_workers_end_with_coordinator_view(make_rabbitmq: Callable[..., RabbitMQ
     assert late_kinds[first_late] == "full"
     assert all(late_kinds[r] == "delta" for r in late_kinds if r > first_late), late_kinds
 
-    # Every worker holds the coordinator's view bit for bit.
+    # Every worker's model equals the coordinator's view bit for bit.
     view = coordinator._downlink.view
     assert coordinator._downlink.version == rounds - 1
     for worker in (steady, forgetful, late):

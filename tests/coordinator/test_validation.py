@@ -228,7 +228,7 @@ def test_raw_float64_beyond_float32_range_rejected() -> None:
 
 
 def test_update_norm_counts_floating_tensors_only() -> None:
-    decoded = {
+    decoded: dict[str, np.ndarray] = {
         "fc.weight": np.full((4, 8), 0.5, np.float32),
         "fc.bias": np.array([3.0, 4.0, 0.0, 0.0], np.float32),
         "half.weight": np.zeros(3, np.float32),
@@ -265,6 +265,17 @@ def test_norm_gate_rejects_outlier_after_history() -> None:
 
     assert caught.value.reason == "norm_outlier"
     assert "median 2" in caught.value.detail
+
+
+def test_norm_gate_uses_previous_round_first() -> None:
+    gate = NormGate(factor=10.0, min_history=2, reference_norms=[1.0, 3.0, float("nan")])
+
+    gate.check(20.0)  # the previous round's median is 2
+    with pytest.raises(RejectedUpdate) as caught:
+        gate.check(21.0)
+
+    assert caught.value.reason == "norm_outlier"
+    assert "previous round" in caught.value.detail
 
 
 def test_norm_gate_with_zero_median_accepts() -> None:

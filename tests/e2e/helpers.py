@@ -57,7 +57,7 @@ class FedmqProcess:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def wait(self, timeout_s: float) -> int:
-        """Wait for the process to exit and return its exit status; fail with its log after ``timeout_s``."""
+        """Wait for the process to exit and return its exit status, or fail with its log after ``timeout_s``."""
         try:
             return self.popen.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -87,7 +87,7 @@ class FedmqProcesses:
     """The fedmq processes of one test, all in one federation on one broker.
 
     Use it as a context manager, or call ``close()``, which stops every process that
-    still runs. ``env`` adds environment variables to every process; inherited
+    still runs. ``env`` adds environment variables to every process. Inherited
     ``FEDMQ_*`` variables are dropped, so the caller's settings never leak in.
     """
 
@@ -150,7 +150,11 @@ class FedmqProcesses:
         arguments: Sequence[str] = (),
         name: str = "coordinator",
     ) -> FedmqProcess:
-        """Start a coordinator of this federation; ``arguments`` adds flags such as ``--min-updates 2``."""
+        """Start a coordinator of this federation, with its Prometheus endpoint off.
+
+        ``arguments`` adds flags such as ``--min-updates 2``. The endpoint is off
+        because coordinators of tests that run at once would contend for its port.
+        """
         return self.start(
             name,
             [

@@ -90,7 +90,7 @@ def test_killed_worker_counts_as_dropout(broker_url: str, tmp_path: Path) -> Non
 
 
 def _consume_without_ack(url: str, queue: str, hold_s: float) -> tuple[bool, float]:
-    """Consume one message and never ack it; return whether the broker closed the channel, and when."""
+    """Consume one message without acking it, and return whether the broker closed the channel and after how long."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
@@ -170,7 +170,7 @@ def test_long_training_keeps_connection(make_rabbitmq: Callable[..., RabbitMQNod
     assert CONSUMER_TIMEOUT_LOG not in node_log
     assert MISSED_HEARTBEATS_LOG not in node_log
 
-    # Control: under the same settings, a consumer that holds an unacked message
+    # Control: under the same settings, a consumer that keeps a message unacked
     # past consumer_timeout loses its channel ...
     closed, after_s = _consume_without_ack(node.url, f"control-{uuid.uuid4().hex[:8]}", hold_s=TRAIN_SLEEP_S + 4)
     assert closed, f"the broker did not close a channel holding an unacked message for {TRAIN_SLEEP_S + 4:.0f} s"
@@ -200,8 +200,12 @@ def test_broker_client_reports_consumer_timeout(make_rabbitmq: Callable[..., Rab
         assert time.monotonic() - started >= 2.0
 
         # Reconnecting restores the consumer, and the broker delivers the message again.
+        def redelivered() -> bool:
+            client.process_events(0.2)
+            return len(deliveries) == 2
+
         client.reconnect()
-        wait_for(lambda: (client.process_events(0.2), len(deliveries) == 2)[1], timeout_s=15, description="the redelivery")
+        wait_for(redelivered, timeout_s=15, description="the redelivery")
         assert deliveries[1].redelivered
         assert bytes(deliveries[1].body) == b"held"
         client.ack(deliveries[1])

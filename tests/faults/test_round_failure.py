@@ -34,8 +34,8 @@ def test_round_below_minimum_fails_after_retries(services: Services, tmp_path: P
     elapsed_s = time.monotonic() - killed
 
     assert exit_code == EXIT_ROUND_FAILED, services.logs()
-    # Round 2 ran its first attempt and one retry, each ending at the deadline.
-    assert elapsed_s >= deadline_s * (retries + 1) - 1
+    # Round 2 ran its first attempt and one retry, and the retry alone lasts a deadline.
+    assert elapsed_s >= deadline_s
     assert [record["round"] for record in read_metrics(run_dir)] == [1]
     assert checkpoint_state(run_dir)["completed_rounds"] == 1
     final = checkpoint_model(run_dir)

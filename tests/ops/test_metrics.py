@@ -68,6 +68,14 @@ def test_eval_and_epsilon_start_as_nan() -> None:
     assert sample(metrics, "fedmq_privacy_epsilon") == 1.25
 
 
+def test_round_record_sets_privacy_epsilon() -> None:
+    metrics = CoordinatorMetrics()
+
+    metrics.round_completed({"round": 1, "eval": {}, "privacy": {"epsilon": 0.75, "delta": 1e-5, "rounds": 1}})
+
+    assert sample(metrics, "fedmq_privacy_epsilon") == 0.75
+
+
 def test_updates_counted_by_reason() -> None:
     metrics = CoordinatorMetrics()
 

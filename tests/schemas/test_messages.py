@@ -200,7 +200,7 @@ def test_unknown_schema_version_rejected() -> None:
     assert str(SCHEMA_VERSION + 1) in str(error)
 
 
-def test_unknown_schema_version_wins_over_unknown_kind() -> None:
+def test_schema_version_checked_before_kind() -> None:
     error = _decode_error(_frame("kind_of_a_future_schema", {}, schema=SCHEMA_VERSION + 1))
 
     assert error.field == "schema"
@@ -246,7 +246,7 @@ def test_update_field_of_wrong_type_rejected(field: str, value: Any) -> None:
     assert repr(f"update.{field}") in str(error)
 
 
-def test_map_with_integer_keys_rejected_by_header() -> None:
+def test_integer_map_keys_rejected() -> None:
     update = _update()
     fields = {**_fields_of(update), "metrics": {1: 0.5}}
     tensors = {f"deltas/{name}": tensor for name, tensor in update.deltas.items()}
@@ -270,7 +270,7 @@ def test_extra_unknown_field_rejected() -> None:
     ("path", "value"),
     [("metrics", {"loss": "low"}), ("metrics", {"converged": True}), ("metrics", {"loss": [1.0]})],
 )
-def test_update_metric_that_is_not_number_rejected(path: str, value: Any) -> None:
+def test_non_numeric_metric_rejected(path: str, value: Any) -> None:
     update = _update()
     fields = _fields_of(update)
     fields[path] = value

@@ -293,7 +293,7 @@ def test_raw_size_above_limit_rejected() -> None:
     assert f"limit of {raw_bytes - 1} bytes" in str(error)
 
 
-def test_compressed_raw_size_above_limit_rejected_before_decompressing() -> None:
+def test_zstd_size_above_limit_rejected() -> None:
     region = bytes(64 * 1024 * 1024)
     compressed = zstandard.ZstdCompressor(level=1).compress(region)
     header, _ = _split(_update_body())
@@ -305,7 +305,7 @@ def test_compressed_raw_size_above_limit_rejected_before_decompressing() -> None
     assert error.field == "raw_bytes"
 
 
-def test_compressed_size_not_matching_declared_rejected() -> None:
+def test_zstd_size_not_matching_declared_rejected() -> None:
     body = _update_body(lossless_method="zstd")
     header, data = _split(body)
     assert header["lossless"] == "zstd"
@@ -316,7 +316,7 @@ def test_compressed_size_not_matching_declared_rejected() -> None:
     assert error.field == "lossless"
 
 
-def test_uncompressed_raw_size_not_matching_data_rejected() -> None:
+def test_raw_size_not_matching_data_rejected() -> None:
     header, data = _split(_update_body())
     header["raw_bytes"] = header["data_bytes"] + 64
 
@@ -377,7 +377,7 @@ def test_pickle_never_unpickled(tmp_path: Path) -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_mutated_frames_raise_only_message_error(data: st.DataObject) -> None:
+def test_mutated_frames_rejected(data: st.DataObject) -> None:
     body = bytearray(_update_body(lossless_method=data.draw(st.sampled_from(["none", "zstd"]))))
     for _ in range(data.draw(st.integers(1, 8))):
         position = data.draw(st.integers(0, len(body) - 1))
@@ -424,7 +424,7 @@ _ODD_VALUES = st.one_of(
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_header_with_odd_values_raises_only_message_error(data: st.DataObject) -> None:
+def test_odd_header_values_rejected(data: st.DataObject) -> None:
     header, region = _split(_update_body())
     paths = _paths(header)
     for _ in range(data.draw(st.integers(1, 3))):
@@ -456,14 +456,14 @@ def test_random_bytes_raise_message_error(body: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(header=st.binary(max_size=256), data=st.binary(max_size=256))
-def test_random_header_behind_valid_prefix_raises_message_error(header: bytes, data: bytes) -> None:
+def test_random_header_rejected(header: bytes, data: bytes) -> None:
     body = struct.pack(">3sBI", MAGIC, FORMAT_VERSION, len(header)) + header + data
 
     with pytest.raises(MessageError):
         unpack_frame(body, max_raw_bytes=1 << 20, max_elements=1 << 16)
 
 
-def test_leave_message_decodes_from_bytearray_and_memoryview() -> None:
+def test_decode_accepts_bytearray_and_memoryview() -> None:
     body = encode_message(Leave(worker_id="worker-1", reason="shutdown", sent_unix=2.0))
 
     for form in (bytearray(body), memoryview(body)):
