@@ -1,10 +1,10 @@
 """Strategies on non-IID workers: ``python -m benchmarks.noniid``.
 
 Runs every strategy on the digits and MNIST-sample tasks with 10 workers and four
-deterministic partitions (IID, Dirichlet 0.5, Dirichlet 0.1, two label shards per
-worker), plus a centralized baseline that trains the same model with the same local
-optimizer for the same number of passes over the union of the workers' training
-data. Two more experiments follow: FedAvg against FedNova when workers run different
+deterministic partitions: IID, Dirichlet 0.5, Dirichlet 0.1 and two label shards per
+worker. A centralized baseline trains the same model with the same local optimizer
+for the same number of passes over the union of the workers' training data. Two more
+experiments follow: FedAvg against FedNova and SCAFFOLD when workers run different
 numbers of local steps, and IFCA on a federation of two known groups of workers whose
 labels differ by a permutation.
 
@@ -46,8 +46,6 @@ from fedmq.tasks import LocalData, PartitionSpec, Task, TrainConfig, load_task
 from schemas.messages import RoundStart, Update, decode_message, encode_message
 from schemas.tensors import encode_state
 from worker.training import LocalOverrides, LocalTrainer
-
-logger = logging.getLogger("benchmarks.noniid")
 
 NUM_WORKERS = 10
 SEED = 0

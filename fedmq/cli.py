@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--seed", type=integer(minimum=0), default=0, help="seed of model initialisation and local training (default: 0)")
     coordinator.add_argument(
         "--strategy", default="fedavg",
-        help="server-side strategy: fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, scaffold, fednova, deltasgd, ifca (default: fedavg)",
+        help="server-side strategy by name, such as fedavg, fedadam, scaffold, fednova or ifca; docs/strategies.md lists them (default: fedavg)",
     )
     coordinator.add_argument(
         "--strategy-option", action="append", default=[], metavar="KEY=VALUE",

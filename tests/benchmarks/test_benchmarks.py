@@ -46,7 +46,7 @@ def test_codecs_section_quick() -> None:
         assert row["encode_s"] > 0
         assert row["decode_s"] > 0
         assert row["copy_s"] > 0
-        assert row["encode_vs_copy"] == pytest.approx(row["copy_s"] / row["encode_s"], rel=0.02)
+        assert row["encode_vs_copy"] == pytest.approx(row["copy_s"] / row["encode_s"], abs=0.001)
     float32 = next(row for row in rows if row["codec"] == "float32")
     assert float32["bytes_per_param"] == pytest.approx(4.0, abs=0.05)
 
@@ -67,7 +67,7 @@ def test_weighted_sum_speed_rows_are_consistent() -> None:
     row = aggregation_bench._speed(200_000, 3, repeats=1)
     assert row["updates"] == 3
     assert row["params"] > 0
-    assert row["weighted_sum_vs_bound"] == pytest.approx(row["bound_s"] / row["weighted_sum_s"], rel=0.05)
+    assert row["weighted_sum_vs_bound"] == pytest.approx(row["bound_s"] / row["weighted_sum_s"], abs=0.001)
 
 
 def test_compression_simulation_counts_bytes() -> None:

@@ -19,8 +19,9 @@ from tests.faults.helpers import (
 )
 from tests.faults.tasks import DELAY_ENV, FAIL_ENV
 
-# Every process of these tests finishes well within this many seconds on a 2-core machine.
-RUN_TIMEOUT_S = 180.0
+# A bound on each wait, far above the times measured on a 2-core machine, so that a
+# machine busy with other work slows these tests down instead of failing them.
+RUN_TIMEOUT_S = 600.0
 
 
 def trained_rounds(service: Service, *, after: int = 0) -> list[int]:

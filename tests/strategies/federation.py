@@ -1,9 +1,9 @@
 """A coordinator and its workers as threads of the test process, over a real broker.
 
 Each service keeps its own connection on its own thread, as the processes of a real
-run do. ``Federation.run`` returns when the coordinator finishes; the workers are
-then asked to stop and joined, and a worker thread still alive after the timeout
-fails the test.
+run do. ``Federation.run_coordinator`` returns when the coordinator finishes.
+``Federation.stop_workers`` then asks the workers to stop and joins them, and a
+worker thread still alive after the timeout fails the test.
 """
 
 from __future__ import annotations

@@ -110,7 +110,6 @@ def test_delta_sgd_rule_sequence() -> None:
     assert rule.next_step(0.0, 0.0) == 0.1
     # Growth bound sqrt(1 + 0.5 * 1) * 0.1 = 0.1225 is below the smoothness bound 1 / (2 * 2) = 0.25.
     assert rule.next_step(1.0, 2.0) == pytest.approx(math.sqrt(1.5) * 0.1)
-    theta = math.sqrt(1.5)
     # Smoothness bound 0.01 / (2 * 1) = 0.005 is below the growth bound.
     assert rule.next_step(0.01, 1.0) == pytest.approx(0.005)
     theta = 0.005 / (math.sqrt(1.5) * 0.1)
