@@ -39,7 +39,7 @@ from coordinator.strategies import ClientUpdate, Strategy, StrategyContext, load
 from coordinator.strategies.common import split_personal
 from coordinator.strategies.evaluation import summarize_local_evaluation
 from coordinator.validation import NormGate, RejectedUpdate, decode_aux, decode_update, expected_tensors, update_norm
-from fedmq.broker import CONNECTION_ERRORS, HEADER_WORKER_ID, BrokerClient, BrokerSettings, Delivery, UnroutableError
+from fedmq.broker import CONNECTION_ERRORS, HEADER_WORKER_ID, BrokerClient, BrokerSettings, Delivery, TransportReject, UnroutableError
 from fedmq.errors import BrokerError, CheckpointError, ConfigError, MessageError, RoundFailedError
 from fedmq.logging_setup import log_context, set_log_context
 from fedmq.metrics import CoordinatorMetrics
@@ -184,6 +184,7 @@ class Coordinator:
         # Why the run ended before its last round, such as the privacy budget.
         self.stop_reason: str | None = None
         self.broker = BrokerClient(settings.broker, client_name="fedmq-coordinator", stop_requested=lambda: self.stop_requested)
+        self.broker.on_transport_reject = self._on_transport_reject
         self.limits = DecodeLimits(max_raw_bytes=settings.max_update_bytes)
         self.workers: dict[str, WorkerInfo] = {}
         self.shard_assignments: dict[str, int] = {}
@@ -719,7 +720,7 @@ class Coordinator:
         if state is None or message.worker_id not in state.sent or message.worker_id in state.responded:
             logger.info("run %s: worker %s left (%s)", self.run_id, message.worker_id, message.reason)
             return
-        # The round stops waiting for a worker that left without answering it.
+        # The round stops waiting for a worker that left without sending its update.
         state.failed[message.worker_id] = f"left: {message.reason}"[:500]
         logger.warning(
             "run %s round %d: worker %s left (%s) without sending its update; counted as a dropout",
@@ -826,6 +827,17 @@ class Coordinator:
         logger.debug(
             "run %s round %d: accepted update from worker %s (%d samples, norm %.4g, %d bytes) [%d/%d]",
             self.run_id, state.round, worker_id, update.num_samples, norm, len(delivery.body), len(state.accepted), state.target,
+        )
+
+    def _on_transport_reject(self, rejected: TransportReject) -> None:
+        """Count and log a chunk or blob reference that the broker client dead-lettered."""
+        state = self.current
+        if state is not None:
+            state.rejected[rejected.category] += 1
+        worker = f"{rejected.claimed_worker_id} (claimed in a header)" if rejected.claimed_worker_id else "unknown"
+        logger.warning(
+            "run %s round %s: rejected message %s from worker %s to the dead-letter queue: %s: %s",
+            self.run_id, state.round if state is not None else "none", rejected.message_id, worker, rejected.category, rejected.reason,
         )
 
     def _reject(self, delivery: Delivery, reason: str, detail: str, *, worker_id: str | None, round_number: int | None) -> None:

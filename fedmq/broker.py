@@ -26,8 +26,8 @@ Delivery guarantees:
   consumer. Every reassembled payload is checked against the SHA-256 digest its
   sender declared.
 - When the broker closes the channel because a body exceeds its ``max_message_size``,
-  the client lowers its ``max_message_bytes`` to the limit in the broker's message,
-  reconnects and sends the payload again in chunks.
+  the client lowers its ``max_message_bytes`` to the limit in the broker's message
+  and raises. The caller reconnects and publishes again, now in chunks.
 - A consumer that the broker cancels (its queue was deleted) raises
   ConsumerCancelledError from ``process_events``. It is one of ``CONNECTION_ERRORS``,
   so the services reconnect, which declares the queue again and restores the consumer.
@@ -287,6 +287,19 @@ class Delivery:
         return self.properties.user_id
 
 
+@dataclass(frozen=True)
+class TransportReject:
+    """A chunk or blob reference that the client dead-lettered before it became a Delivery.
+
+    ``claimed_worker_id`` comes from the ``fedmq-worker-id`` header, which any client can set.
+    """
+
+    category: str
+    reason: str
+    message_id: str
+    claimed_worker_id: str | None
+
+
 @dataclass
 class _PartialPayload:
     count: int
@@ -352,6 +365,8 @@ class BrokerClient:
         self.bytes_received = 0
         # Lowered below the setting when the broker reports a smaller max_message_size.
         self.max_message_bytes = settings.max_message_bytes
+        # Called for each chunk or reference that this client dead-letters, so the owner can log and count it.
+        self.on_transport_reject: Callable[[TransportReject], None] | None = None
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._blob_channel: BlockingChannel | None = None
@@ -385,7 +400,7 @@ class BrokerClient:
     @property
     def channel(self) -> BlockingChannel:
         if self._channel is None or not self._channel.is_open:
-            raise BrokerError(f"{self.client_name}: the channel is not open; reconnect first")
+            raise ChannelClosedByBrokerError(f"{self.client_name}: the channel is not open; reconnect first")
         return self._channel
 
     def connect(self) -> None:
@@ -540,9 +555,7 @@ class BrokerClient:
         if size > self.settings.max_payload_bytes:
             raise PayloadTooLargeError(size, self.settings.max_payload_bytes, "message")
         payload_id = message_id or uuid.uuid4().hex
-        return self._adapting_to_size_limit(
-            lambda: self._publish_in_order(exchange, routing_key, body, payload_id, headers or {}, expiration_ms, user_id)
-        )
+        return self._publish_in_order(exchange, routing_key, body, payload_id, headers or {}, expiration_ms, user_id)
 
     def _publish_in_order(
         self,
@@ -590,7 +603,7 @@ class BrokerClient:
             raise PayloadTooLargeError(size, self.settings.max_payload_bytes, "update")
         payload_id = message_id or uuid.uuid4().hex
         all_headers = {**(headers or {}), HEADER_WORKER_ID: worker_id}
-        return self._adapting_to_size_limit(lambda: self._publish_result_once(worker_id, body, payload_id, all_headers, user_id))
+        return self._publish_result_once(worker_id, body, payload_id, all_headers, user_id)
 
     def _publish_result_once(self, worker_id: str, body: bytes, message_id: str, headers: dict[str, Any], user_id: str | None) -> str:
         names = self.topology
@@ -622,29 +635,6 @@ class BrokerClient:
         logger.debug("%s: published %s by reference through %s (%d chunks, %d bytes)", self.client_name, message_id, blob_queue, count, size)
         return message_id
 
-    def _adapting_to_size_limit(self, send: Callable[[], str]) -> str:
-        """Run ``send``; when the broker closes the channel over a body's size, learn its limit and resend once.
-
-        The first publish of a payload is the one that fails, because every piece is
-        at most ``max_message_bytes`` long, so nothing of the payload was queued
-        before the retry.
-        """
-        try:
-            return send()
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            limit = broker_size_limit(exc)
-            if limit is None or limit >= self.max_message_bytes:
-                raise
-            logger.warning(
-                "%s: the broker rejects message bodies over %d bytes; lowering max_message_bytes from %d to %d "
-                "and sending the payload again in chunks",
-                self.client_name, limit, self.max_message_bytes, limit,
-            )
-            self.max_message_bytes = limit
-            # The broker closed the channel that the consumers were on.
-            self.reconnect()
-            return send()
-
     def _publish_one(
         self,
         exchange: str,
@@ -671,6 +661,9 @@ class BrokerClient:
             try:
                 self.channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
                 break
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                self._learn_size_limit(exc)
+                raise
             except pika.exceptions.UnroutableError as exc:
                 raise UnroutableError(
                     f"{self.client_name}: message {message_id} to exchange {exchange!r} with routing key {routing_key!r} "
@@ -690,6 +683,17 @@ class BrokerClient:
                 # A plain sleep: processing events here would run consumer callbacks inside a publish.
                 time.sleep(wait_s)
         self.bytes_sent += len(body)
+
+    def _learn_size_limit(self, error: pika.exceptions.ChannelClosedByBroker) -> None:
+        limit = broker_size_limit(error)
+        if limit is None or limit >= self.max_message_bytes:
+            return
+        logger.warning(
+            "%s: the broker rejects message bodies over %d bytes; lowering max_message_bytes from %d to %d, "
+            "so the publish after reconnecting goes out in chunks",
+            self.client_name, limit, self.max_message_bytes, limit,
+        )
+        self.max_message_bytes = limit
 
     # Consuming
 
@@ -734,10 +738,10 @@ class BrokerClient:
             total = int(headers[HEADER_PAYLOAD_BYTES])
             digest = str(headers[HEADER_SHA256])
         except (KeyError, TypeError, ValueError, OverflowError):
-            self._dead_letter_tags([tag], properties, body, "chunk headers are missing or invalid")
+            self._reject_in_transport("invalid_chunk", [tag], properties, body, "chunk headers are missing or invalid")
             return None
         if not (0 <= index < count) or total > self.settings.max_payload_bytes or count * self.settings.max_payload_bytes < total:
-            self._dead_letter_tags([tag], properties, body, f"chunk {index}/{count} of {total} bytes is out of range")
+            self._reject_in_transport("invalid_chunk", [tag], properties, body, f"chunk {index}/{count} of {total} bytes is out of range")
             return None
 
         # The chunk is held in memory and acked now (see the module docstring).
@@ -783,14 +787,14 @@ class BrokerClient:
             total = int(headers[HEADER_PAYLOAD_BYTES])
             digest = str(headers[HEADER_SHA256])
         except (KeyError, TypeError, ValueError, OverflowError):
-            self._dead_letter_tags([tag], properties, b"", "reference headers are missing or invalid")
+            self._reject_in_transport("invalid_reference", [tag], properties, b"", "reference headers are missing or invalid")
             return None
         if not blob_queue.startswith(self.topology.blob_prefix):
-            self._dead_letter_tags([tag], properties, b"", f"reference names queue {blob_queue!r}, which is not a blob queue of this federation")
+            self._reject_in_transport("invalid_reference", [tag], properties, b"", f"reference names queue {blob_queue!r}, which is not a blob queue of this federation")
             return None
         if total > self.settings.max_payload_bytes or count < 1 or total < 0:
-            self._dead_letter_tags(
-                [tag], properties, b"",
+            self._reject_in_transport(
+                "invalid_reference", [tag], properties, b"",
                 f"referenced payload of {total} bytes in {count} chunks is outside 0 to {self.settings.max_payload_bytes} bytes",
             )
             return None
@@ -826,7 +830,7 @@ class BrokerClient:
             # Chunks read so far go back to the blob queue, as they were before.
             if chunk_tags and self._blob_channel is not None:
                 self._blob_channel.basic_nack(chunk_tags[-1], multiple=True, requeue=True)
-            self._dead_letter_tags([tag], properties, b"", failure)
+            self._reject_in_transport("invalid_reference", [tag], properties, b"", failure)
             return None
         return Delivery(body, properties, [tag], epoch, bool(method.redelivered), method.routing_key, blob_queue=blob_queue)
 
@@ -858,6 +862,23 @@ class BrokerClient:
         self._dead_letter_tags(delivery.delivery_tags, delivery.properties, bytes(delivery.body), reason, delivery.epoch)
         if delivery.blob_queue and delivery.epoch == self.epoch:
             self.channel.queue_delete(delivery.blob_queue)
+
+    def _reject_in_transport(self, category: str, tags: list[int], properties: BasicProperties, body: bytes, reason: str) -> None:
+        """Dead-letter a chunk or reference that cannot become a Delivery, and report it.
+
+        The report goes to ``on_transport_reject`` when it is set (the owner logs and
+        counts it), and to this module's log otherwise.
+        """
+        claimed = (properties.headers or {}).get(HEADER_WORKER_ID)
+        rejected = TransportReject(category, reason, str(properties.message_id or ""), str(claimed) if claimed else None)
+        if self.on_transport_reject is not None:
+            self.on_transport_reject(rejected)
+        else:
+            logger.warning(
+                "%s: rejected message %s from worker %s to the dead-letter queue: %s: %s",
+                self.client_name, rejected.message_id, rejected.claimed_worker_id or "unknown", category, reason,
+            )
+        self._dead_letter_tags(tags, properties, body, f"{category}: {reason}")
 
     def _dead_letter_tags(self, tags: list[int], properties: BasicProperties, body: bytes, reason: str, epoch: int | None = None) -> None:
         """Publish a copy to the dead-letter exchange with ``reason`` in a header, then ack the tags.

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 import torch
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from fedmq.broker import CONNECTION_ERRORS, BrokerClient, BrokerSettings, Delivery, UnroutableError
 from fedmq.errors import MessageError, PayloadTooLargeError, PublishError
@@ -345,7 +345,7 @@ class Worker:
         retrying = Retrying(
             retry=retry_if_exception_type(PublishError),
             wait=wait_random_exponential(multiplier=0.5, max=10),
-            stop=stop_after_attempt(attempts) | (lambda state: time.time() > start.deadline_unix),
+            stop=stop_after_attempt(attempts) | stop_after_delay(max(0.0, start.deadline_unix - time.time())),
             reraise=True,
             sleep=self.broker.sleep,
             before_sleep=lambda state: logger.warning(

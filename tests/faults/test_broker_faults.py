@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from fedmq.broker import (
+    CONNECTION_ERRORS,
     HEADER_BLOB_QUEUE,
     HEADER_CHUNK_COUNT,
     HEADER_PAYLOAD_BYTES,
@@ -101,6 +102,14 @@ def test_chunks_beyond_prefetch_window_reassemble(broker_url: str) -> None:
         client.close()
 
 
+def publish_reconnecting(client: BrokerClient, publish: Callable[[], str]) -> None:
+    """Publish once, and once more after a reconnect, as the services do; the first attempt must fail."""
+    with pytest.raises(CONNECTION_ERRORS):
+        publish()
+    client.reconnect()
+    publish()
+
+
 def test_client_adopts_smaller_broker_message_limit(
     make_rabbitmq: Callable[..., RabbitMQNode], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -115,9 +124,14 @@ def test_client_adopts_smaller_broker_message_limit(
         round_start = os.urandom(40_000)
         update = os.urandom(30_000)
 
+        # The first publish of each fails and teaches the client the broker's limit.
+        # The services reconnect on that error, and the publish after it goes out in chunks.
         with caplog.at_level(logging.WARNING, logger="fedmq.broker"):
-            coordinator.publish(coordinator.topology.rounds_exchange, coordinator.topology.ROUTING_ALL, round_start)
-            worker.publish_result("w1", update)
+            publish_reconnecting(
+                coordinator,
+                lambda: coordinator.publish(coordinator.topology.rounds_exchange, coordinator.topology.ROUTING_ALL, round_start),
+            )
+            publish_reconnecting(worker, lambda: worker.publish_result("w1", update))
         pump_until([worker, coordinator], lambda: len(round_starts) == 1 and len(updates) == 1)
 
         assert bytes(round_starts[0].body) == round_start
@@ -214,7 +228,7 @@ def test_tampered_blob_chunk_is_dead_lettered(broker_url: str) -> None:
 
         assert bytes(updates[0].body) == b"next"
         dead = dead_letters(broker_url, federation)
-        assert [headers[HEADER_REJECT_REASON] for headers, _ in dead] == [f"payload in {blob_queue} failed its integrity check"]
+        assert [headers[HEADER_REJECT_REASON] for headers, _ in dead] == [f"invalid_reference: payload in {blob_queue} failed its integrity check"]
     finally:
         coordinator.close()
         worker.close()

@@ -22,7 +22,7 @@ from tests.faults.tasks import DELAY_ENV
 TIMEOUT_S = 240.0
 ROUNDS = 5
 
-# Workers answer in a fixed order, seconds apart, so a round is open long enough to interrupt.
+# Workers reply in a fixed order, seconds apart, so a round is open long enough to interrupt.
 WORKER_DELAYS_S = {"w1": "0.2", "w2": "2", "w3": "4"}
 
 

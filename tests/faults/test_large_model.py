@@ -16,7 +16,7 @@ def test_wide_model_over_small_message_limit(make_rabbitmq: Callable[..., Rabbit
     node = make_rabbitmq(max_message_size=BROKER_LIMIT_BYTES)
     run_dir = tmp_path / "run"
     with Services(tmp_path / "logs", node.url, federation) as services:
-        # The coordinator knows the broker's limit; the workers keep the 15 MiB default and must learn it.
+        # The coordinator is configured with the broker's limit. The workers keep the 15 MiB default and learn it.
         coordinator = services.coordinator(
             run_dir, "--rounds", "2", "--min-workers", "2", "--round-deadline-s", "120",
             "--max-message-bytes", str(BROKER_LIMIT_BYTES), task=WIDE_TASK,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmq.broker import HEADER_REJECT_REASON
+from fedmq.broker import HEADER_BLOB_QUEUE, HEADER_CHUNK_COUNT, HEADER_PAYLOAD_BYTES, HEADER_REJECT_REASON, HEADER_SHA256
 from schemas.messages import SCHEMA_VERSION, RoundStart, encode_message
 from schemas.tensors import decode_state, encode_raw
 from schemas.wire import MAGIC, PREFIX, pack_frame
@@ -65,8 +65,8 @@ def update_frame(start: RoundStart, worker_id: str, deltas: dict[str, np.ndarray
     return pack_frame(kind, schema, update_fields(start, worker_id, **changes), tensors)
 
 
-def poison_messages(start: RoundStart, canary: Path) -> dict[str, tuple[bytes, str]]:
-    """Return each poison message by name, with the rejection reason the coordinator must give it."""
+def poison_messages(start: RoundStart, canary: Path, federation: str) -> dict[str, tuple[bytes, str, dict[str, Any]]]:
+    """Return each poison message by name, with the rejection reason the coordinator must give it and its headers."""
     good = random_deltas(start, 10)
     fields = update_fields(start, "a")
     missing_field = {name: value for name, value in fields.items() if name != "num_samples"}
@@ -81,7 +81,10 @@ def poison_messages(start: RoundStart, canary: Path) -> dict[str, tuple[bytes, s
     oversize = dict(good, **{"fc3.weight": np.zeros(8 * MAX_UPDATE_BYTES // 4, np.float32)})
 
     header_garbage = b"\xc1\xc1\xc1\xc1"
-    return {
+    reference = {HEADER_CHUNK_COUNT: 2, HEADER_PAYLOAD_BYTES: 1000, HEADER_SHA256: "0" * 64}
+    missing_blob = {**reference, HEADER_BLOB_QUEUE: f"{federation}.blob.a.missing"}
+    foreign_queue = {**reference, HEADER_BLOB_QUEUE: f"{federation}.worker.b"}
+    messages = {
         "not-msgpack": (b"\x93NUMPY\x01\x00 this is not a fedmq frame", "invalid_message"),
         "bad-header": (PREFIX.pack(MAGIC, 1, len(header_garbage)) + header_garbage, "invalid_message"),
         "schema-version": (pack_frame("update", SCHEMA_VERSION + 98, fields, tensors), "invalid_message"),
@@ -98,6 +101,10 @@ def poison_messages(start: RoundStart, canary: Path) -> dict[str, tuple[bytes, s
         "pickle": (pickle.dumps(PickleCanary(canary)), "invalid_message"),
         "future-round": (update_frame(start, "a", good, round=start.round + 1), "wrong_round"),
     }
+    poisons = {name: (body, reason, {}) for name, (body, reason) in messages.items()}
+    poisons["missing-blob-queue"] = (b"", "invalid_reference", missing_blob)
+    poisons["foreign-queue-reference"] = (b"", "invalid_reference", foreign_queue)
+    return poisons
 
 
 def test_poison_messages_are_dead_lettered(services: Services, tmp_path: Path) -> None:
@@ -123,12 +130,12 @@ def test_poison_messages_are_dead_lettered(services: Services, tmp_path: Path) -
         initial = {name: tensor.float() for name, tensor in decode_state(start.weights).items()}
 
         # Every poison, in one burst; the pickle comes from a sender without a worker id header.
-        poisons = poison_messages(start, canary)
-        for name, (body, _) in poisons.items():
+        poisons = poison_messages(start, canary, services.federation)
+        for name, (body, _, headers) in poisons.items():
             if name == "pickle":
                 a.client.publish(a.client.topology.results_exchange, a.client.topology.results_queue, body, message_id=f"poison-{name}")
             else:
-                a.publish(body, message_id=f"poison-{name}")
+                a.publish(body, message_id=f"poison-{name}", headers=headers)
         dead_queue = f"{services.federation}.dead"
         wait_until(lambda: queue_depth(services.url, services.federation, dead_queue) >= len(poisons), timeout_s=TIMEOUT_S, what="the poisons in the dead-letter queue", watch=[coordinator], services=services)
 
@@ -155,7 +162,7 @@ def test_poison_messages_are_dead_lettered(services: Services, tmp_path: Path) -
     # Each poison is in the dead-letter queue with its reason.
     dead = {str(headers.get("fedmq-worker-id", "none")) + "/" + headers[HEADER_REJECT_REASON]: body for headers, body in dead_letters(services.url, services.federation)}
     reasons = Counter(key.split("/", 1)[1].split(":", 1)[0] for key in dead)
-    expected_reasons = Counter(reason for _, reason in poisons.values()) + Counter(["norm_outlier"])
+    expected_reasons = Counter(reason for _, reason, _ in poisons.values()) + Counter(["norm_outlier"])
     assert reasons == expected_reasons
     assert any("raw_bytes" in key for key in dead)
     assert any(key.startswith("none/invalid_message") for key in dead)
@@ -171,11 +178,17 @@ def test_poison_messages_are_dead_lettered(services: Services, tmp_path: Path) -
         assert len(lines) == 1, name
         # A decoded update is logged with its own round, anything else with the open round.
         assert ("round 2:" if name == "future-round" else "round 1:") in lines[0], lines[0]
-        sender = "unknown" if name == "pickle" else ("c" if name == "outlier" else "a")
+        sender = "a"
+        if name == "pickle":
+            sender = "unknown"
+        elif name == "outlier":
+            sender = "c"
         assert f"from worker {sender}" in lines[0], lines[0]
 
     # Nothing was unpickled, and the global model is the mean of the honest updates only.
     assert not canary.exists()
+    # The queue that a reference named is still there: a passive declare of a deleted queue raises.
+    assert queue_depth(services.url, services.federation, f"{services.federation}.worker.b") == 0
     final = checkpoint_model(run_dir)
     assert checkpoint_state(run_dir)["completed_rounds"] == 2
     for name, value in expected.items():

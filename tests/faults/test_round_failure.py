@@ -20,7 +20,7 @@ def test_round_below_minimum_fails_after_retries(services: Services, tmp_path: P
         run_dir, "--rounds", "5", "--min-workers", "3", "--min-updates", "3",
         "--round-deadline-s", str(deadline_s), "--max-round-retries", str(retries),
     )
-    # w2 and w3 train round 2 slowly, so they are killed before they answer it.
+    # w2 and w3 train round 2 slowly, so they are killed before they reply to it.
     slow_from_round_2 = {DELAY_ENV: "5", DELAY_FROM_ENV: "2"}
     workers = [services.worker("w1", "0/3")]
     workers += [services.worker(f"w{index}", f"{index - 1}/3", env=slow_from_round_2) for index in (2, 3)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -66,7 +67,8 @@ def test_three_of_ten_workers_killed(services: Services, tmp_path: Path, federat
         # Closed by the quorum of live workers, not by the deadline.
         assert record["duration_s"] < deadline_s / 2
         assert record["model_updated"]
-        assert record["accepted"] >= 7
+        # The quorum counts the workers the round went to; dead ones leave that set after three rounds.
+        assert record["accepted"] >= math.ceil(0.7 * record["sent"])
     for name, last_round in killed_at.items():
         late_rounds = [record["round"] for record in faulty if name in record["workers"] and record["round"] > last_round + 1]
         assert late_rounds == [], f"{name} was killed after round {last_round}"
@@ -156,7 +158,7 @@ def test_worker_sigterm_finishes_round_and_leaves(services: Services, node: Rabb
     # The update of the round in training was finished and counted, then the worker left.
     assert records[1]["workers"] == ["w1", "w2"]
     assert records[2]["workers"] == ["w1"]
-    # Round 3 went out before or after the Leave arrived; either way nobody waits for w2.
+    # Round 3 went out before or after the Leave arrived, and in both cases the round does not wait for w2.
     if records[2]["sent"] == 2:
         assert records[2]["failed"] == {"w2": "left: shutdown"}
     assert records[2]["dropouts"] == []
