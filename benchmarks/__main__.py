@@ -64,8 +64,10 @@ def run_suite(*, quick: bool, sections: tuple[str, ...], output_dir: Path | None
         for name in sections:
             print(f"benchmarks: running {name}", file=sys.stderr, flush=True)
             section_started = time.monotonic()
+            load_average = list(os.getloadavg())
             try:
                 results["sections"][name] = _section_runner(name, quick, url)()
+                results["sections"][name]["load_average_at_start"] = load_average
             except Exception as exc:  # recorded in the report, the suite goes on
                 results["sections"][name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
             print(f"benchmarks: {name} took {time.monotonic() - section_started:.0f} s", file=sys.stderr, flush=True)
@@ -76,8 +78,29 @@ def run_suite(*, quick: bool, sections: tuple[str, ...], output_dir: Path | None
     results["duration_s"] = round(time.monotonic() - started, 1)
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
+        results = _merge_previous(results, output_dir / "benchmarks.json")
         (output_dir / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
         (output_dir / "benchmarks.md").write_text(report.render(results))
+    return results
+
+
+def _merge_previous(results: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Keep the sections of an earlier run of the same mode that this run did not repeat."""
+    if not path.exists():
+        return results
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return results
+    if previous.get("mode") != results["mode"] or not isinstance(previous.get("sections"), dict):
+        return results
+    kept = {name: section for name, section in previous["sections"].items() if name not in results["sections"]}
+    if not kept:
+        return results
+    merged = {**kept, **results["sections"]}
+    results["sections"] = {name: merged[name] for name in SECTIONS if name in merged}
+    results["merged_from_started_unix"] = previous.get("started_unix")
+    results["merged_run_load_averages"] = [previous.get("load_average_at_start"), previous.get("load_average_at_end")]
     return results
 
 

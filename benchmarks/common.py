@@ -37,7 +37,15 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Return this process's peak resident set size (ru_maxrss is in KiB on Linux)."""
+    """Return the peak resident set size of this process's memory since its exec (VmHWM).
+
+    ``ru_maxrss`` would not do: Linux carries it over from the parent across fork and
+    exec, so a subprocess of a large process starts with the parent's peak.
+    """
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -146,6 +146,25 @@ def _end_to_end(section: dict[str, Any]) -> str:
     return text
 
 
+LIMITS = """\
+## Where the targets are out of reach, and why
+
+- **Encode of the lossy codecs.** q8, q4 and the top-k codecs run several numpy passes per
+  value (block maxima, scaling, random numbers for stochastic rounding, selection), so they
+  cannot approach one memory copy. float32 encoding is bounded by two copies (into the
+  frame's data region, then into the message bytes, because pika accepts only `bytes`)
+  plus the finiteness check.
+- **Uplink bytes of small models.** A message carries a msgpack header of about 1 KB (field
+  names, one record per tensor, the metrics) that no codec shrinks. For the digits and
+  MNIST models (about 10,000 parameters), top-k with q8 values shrinks the data region about
+  66 times, but the whole message only about 20 times.
+- **Top-k with few rounds.** top-k at 1% sends 1% of the coordinates per round, and error
+  feedback delivers the rest only in later rounds, so the 3 MNIST rounds here are too few.
+- **Many workers in one process.** The `rounds` workers are threads of one Python process,
+  so 50 workers share one interpreter lock for decoding, encoding and their event loops.
+"""
+
+
 RENDERERS = {"io": _io, "codecs": _codecs, "aggregation": _aggregation, "rounds": _rounds, "compression": _compression, "end_to_end": _end_to_end}
 
 
@@ -156,12 +175,22 @@ def render(results: dict[str, Any]) -> str:
     machine_rows += f"\n| load average at start, end | {', '.join(f'{v:.2f}' for v in results['load_average_at_start'])}; {', '.join(f'{v:.2f}' for v in results['load_average_at_end'])} |"
     date = time.strftime("%Y-%m-%d", time.gmtime(results["started_unix"]))
     text = INTRO.format(flag=" --quick" if results["mode"] == "quick" else "", date=date, machine=machine_rows)
-    text += f"\nThe whole run took {results['duration_s']:.0f} s.\n\n" + IO_CHOICES
+    text += f"\nThe whole run took {results['duration_s']:.0f} s."
+    if results.get("merged_from_started_unix"):
+        earlier = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(results["merged_from_started_unix"]))
+        text += f" Sections it did not run come from the run of {earlier}"
+        loads = results.get("merged_run_load_averages") or []
+        if len(loads) == 2 and all(loads):
+            text += f", whose load average was {', '.join(f'{v:.2f}' for v in loads[0])} at its start and {', '.join(f'{v:.2f}' for v in loads[1])} at its end"
+        text += "."
+    text += "\n\n" + IO_CHOICES + "\n" + LIMITS
     for name, section in results["sections"].items():
         text += "\n"
         if "error" in section:
             text += f"## {name}\n\nThis section failed: `{section['error']}`\n"
         else:
             text += RENDERERS[name](section)
-            text += f"\nSection time: {section['duration_s']} s.\n"
+            load = section.get("load_average_at_start")
+            load_text = f" Load average at its start: {', '.join(f'{v:.2f}' for v in load)}." if load else ""
+            text += f"\nSection time: {section['duration_s']} s.{load_text}\n"
     return text

@@ -162,8 +162,8 @@ class ScaffoldHook(StrategyHook):
             aux[SCAFFOLD_DELTA_PREFIX + name] = new - old
             self.client_control[name] = new
         # NOTE: c_i is saved before the update is published. If the update never
-        # reaches the coordinator, c drifts from the mean of the workers' c_i until
-        # the next round this worker completes.
+        # reaches the coordinator (or is rejected), the server's c misses this change
+        # and differs from the mean of the workers' c_i by it / N for the rest of the run.
         if self.path is not None:
             _save_tensors(self.path, self.client_control)
         return aux, {"effective_steps": steps}
