@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -109,6 +111,29 @@ def simulate(
     ``attack.workers`` are scaled after decoding, as a worker that sends arbitrary
     values would.
     """
+    # One torch thread, as a worker uses by default; more threads on a busy machine
+    # made the same run ten times slower (OpenMP threads spinning for cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _simulate(task, datas, strategy, rounds=rounds, label=label, train_config=train_config, participation=participation, attack=attack, sample_privacy=sample_privacy, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _simulate(
+    task: Task,
+    datas: Sequence[LocalData],
+    strategy: Strategy,
+    *,
+    rounds: int,
+    label: str,
+    train_config: Mapping[str, Any],
+    participation: float,
+    attack: Attack | None,
+    sample_privacy: SamplePrivacySettings | None,
+    seed: int,
+) -> SimulationResult:
     started = time.monotonic()
     strategy.setup(StrategyContext.from_task(task, train_config=train_config, seed=seed))
     torch.manual_seed(seed)
@@ -332,10 +357,10 @@ def replace_docs_section(path: Path, markdown: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.privacy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("runs/privacy"), help="folder for results.json and results.md (default: runs/privacy)")
-    parser.add_argument("--dp-workers", type=int, default=100, help="workers of the client-level experiment (default: 100)")
-    parser.add_argument("--participation", type=float, default=0.3, help="probability that a worker takes part in a DP round (default: 0.3)")
+    parser.add_argument("--dp-workers", type=int, default=200, help="workers of the client-level experiment (default: 200)")
+    parser.add_argument("--participation", type=float, default=0.5, help="probability that a worker takes part in a DP round (default: 0.5)")
     parser.add_argument("--dp-rounds", type=int, default=40, help="rounds of the client-level experiment (default: 40)")
-    parser.add_argument("--noise-multipliers", type=float, nargs="+", default=[0.3, 0.5, 0.8, 1.2], help="DP-FedAvg noise multipliers (default: 0.3 0.5 0.8 1.2)")
+    parser.add_argument("--noise-multipliers", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0], help="DP-FedAvg noise multipliers (default: 0.5 1 2 4 8)")
     parser.add_argument("--clip-norm", type=float, default=1.0, help="DP-FedAvg clip norm (default: 1.0)")
     parser.add_argument("--server-learning-rate", type=float, default=1.0, help="DP-FedAvg server learning rate (default: 1.0)")
     parser.add_argument("--sgd-workers", type=int, default=10, help="workers of the DP-SGD experiment (default: 10)")
@@ -346,8 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-docs", action="store_true", help=f"replace the results section of {DOCS_PATH}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    torch.set_num_threads(1)
-
     started = time.monotonic()
     client = client_level_sweep(
         num_workers=args.dp_workers, participation=args.participation, rounds=args.dp_rounds,
@@ -390,9 +413,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _machine() -> str:
-    import os
-    import platform
-
     model = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:

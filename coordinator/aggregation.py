@@ -11,7 +11,8 @@ Integer and bool tensors (for example BatchNorm's ``num_batches_tracked``) are n
 deltas: each worker sends its new value. The accumulator holds the weighted sum of
 those values in float64, and the mean is rounded half to even and cast back to the
 tensor's dtype. For bool tensors that means a weighted majority, where a tie keeps
-``False``.
+``False``. NOTE: float64 holds integers exactly only up to 2**53 in magnitude, so
+int64 values beyond that come back rounded.
 
 A worker with ``num_samples == 0`` adds nothing. When every accepted update has zero
 weight, ``mean`` raises ZeroWeightError and the caller keeps the global model.

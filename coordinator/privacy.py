@@ -1,9 +1,9 @@
 """Client-level differential privacy: the maths of DP-FedAvg and its privacy accountant.
 
 DP-FedAvg (McMahan, Ramage, Talwar and Zhang, "Learning Differentially Private
-Recurrent Language Models", ICLR 2018) clips every update to an L2 bound C, sums the
-clipped updates with weight 1 each, and adds Gaussian noise N(0, (z * C)^2) to the
-sum, where z is the noise multiplier. The strategy that runs it round by round is
+Recurrent Language Models", ICLR 2018) clips every update to an L2 bound C and sums
+the clipped updates with weight 1 each. It then adds Gaussian noise N(0, (z * C)^2)
+to the sum, where z is the noise multiplier. The strategy that runs it round by round is
 ``coordinator.strategies.dpfedavg.DPFedAvg``. This module holds its pure functions
 (clipping, noise, the adaptive clipping rule of Andrew, Thakkar, McMahan and
 Ramaswamy, "Differentially Private Learning with Adaptive Clipping", NeurIPS 2021)
@@ -136,7 +136,7 @@ class PrivacyAccountant:
     """(epsilon, delta) spent by a sequence of Poisson-subsampled Gaussian mechanisms.
 
     Uses the Renyi-DP analysis of Opacus (``opacus.accountants.RDPAccountant``); this
-    class only keeps the history and asks for projections. ``history`` lists
+    class only keeps the history and computes projections with it. ``history`` lists
     ``(noise_multiplier, sample_rate, steps)`` entries, with consecutive equal
     mechanisms merged.
     """

@@ -116,10 +116,12 @@ class ManagementClient:
         self._authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         register_secret(password)
         self.timeout_s = timeout_s
-        self._context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None) if bare_url.startswith("https://") else None
+        self._context: ssl.SSLContext | None = None
+        if bare_url.startswith("https://"):
+            self._context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
-        """Send one request and return the decoded JSON answer, or None for an empty one."""
+        """Send one request and return the decoded JSON response, or None for an empty one."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         request = urllib.request.Request(self.base_url + path, data=data, method=method)
         request.add_header("Authorization", self._authorization)
@@ -153,7 +155,7 @@ def _reason(error: urllib.error.HTTPError) -> str:
 
 @dataclass(frozen=True)
 class ProvisionedWorker:
-    """What a provisioned worker needs to connect: its user, vhost and URL (without the password), and the password."""
+    """The connection settings of a provisioned worker: its user, vhost, URL (without the password) and password."""
 
     worker_id: str
     user: str
@@ -241,7 +243,7 @@ def worker_url(base_url: str, user: str, vhost: str) -> str:
 
 
 def connection_instructions(worker: ProvisionedWorker, *, task: str, password_file: Path | None) -> str:
-    """Return the text that tells the operator how to start the provisioned worker.
+    """Return the instructions for starting the provisioned worker, for the operator.
 
     With ``password_file`` None the generated password is part of the text, so this
     text is shown once and not logged.

@@ -4,8 +4,8 @@ Client level. When the round start carries ``dp_noise_std`` (DP-FedAvg with work
 placement, see ``coordinator.strategies.dpfedavg``), ``privatize_trained_state``
 clips the worker's update, all floating tensors together, to ``dp_clip_norm`` and
 adds Gaussian noise of std ``dp_noise_std`` to every value before the update is
-encoded. Because the noise is added here, the coordinator never sees the clipped
-update without it. With adaptive clipping the worker also sends whether its update
+encoded. Because the noise is added here, the coordinator never receives the
+clipped update without it. With adaptive clipping the worker also sends whether its update
 was unclipped, as a noisy share ``b - 1/2 + N(0, dp_count_noise_std^2)``.
 
 Sample level. ``SamplePrivacy`` replaces the task's local training with DP-SGD
@@ -71,7 +71,7 @@ def privatize_trained_state(
     *,
     rng: np.random.Generator | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Return ``trained`` with its update clipped and noised as the round config asks, and the metrics to send.
+    """Return ``trained`` with its update clipped and noised as the round config requests, and the metrics to send.
 
     The update is ``trained - start_state`` over the floating tensors of
     ``start_state``. Without ``dp_noise_std`` in ``config`` the state comes back

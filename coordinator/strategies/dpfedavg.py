@@ -72,7 +72,7 @@ class DPFedAvg(Strategy):
 
     The round's sum streams into one float64 accumulator per floating tensor, so
     memory grows with the model, not with the number of workers. ``seed`` makes the
-    noise reproducible for tests only: anyone who knows it can subtract the noise.
+    noise reproducible for tests only, because anyone with the seed can subtract the noise.
     """
 
     name = "dp-fedavg"
@@ -129,7 +129,7 @@ class DPFedAvg(Strategy):
             self.sum_noise_multiplier = split_noise_multiplier(self.noise_multiplier, self.count_noise_std)
         self.server_learning_rate = float(server_learning_rate)
         self.accountant = PrivacyAccountant(delta=delta, kind=accountant)
-        # Worker placement: what one update reveals to the coordinator, which sees it
+        # Worker placement: what one update reveals to the coordinator, which receives it
         # before the other shares are added. Each worker's share has multiplier z / sqrt(m),
         # and the coordinator knows who took part, so there is no sampling amplification.
         self.local_accountant = PrivacyAccountant(delta=delta, kind=accountant) if placement == "worker" else None

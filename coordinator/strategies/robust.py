@@ -9,9 +9,9 @@
 - ``trimmed-mean``: per coordinate, drop the ``trim_fraction`` largest and smallest
   values and average the rest (Yin et al., 2018).
 - ``krum`` and ``multi-krum``: score each update by the sum of squared distances to
-  its n - f - 2 nearest neighbours, where f is ``byzantine_workers``, and keep the
-  lowest-scored one (Krum) or the ``selected`` lowest-scored ones, averaged with
-  sample weights (Multi-Krum) (Blanchard, El Mhamdi, Guerraoui and Stainer,
+  its n - f - 2 nearest neighbours, where f is ``byzantine_workers``. Krum keeps the
+  lowest-scored update, and Multi-Krum the ``selected`` lowest-scored ones, averaged
+  with sample weights (Blanchard, El Mhamdi, Guerraoui and Stainer,
   "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
   NeurIPS 2017).
 

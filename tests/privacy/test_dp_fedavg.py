@@ -88,7 +88,7 @@ def test_clip_update_spans_all_tensors_together() -> None:
     assert l2_norm(clipped.values, ["a", "b"]) == pytest.approx(1.0, rel=1e-6)
 
 
-def test_dp_round_mean_is_uniform_mean_of_clipped_updates() -> None:
+def test_dp_mean_uniform_over_clipped() -> None:
     rng = np.random.default_rng(1)
     updates = [_update(rng, f"w{index}", scale, num_samples) for index, (scale, num_samples) in enumerate([(0.01, 1), (1.0, 500), (5.0, 20)])]
     # A negligible noise multiplier leaves the clipping and averaging to check.
@@ -130,7 +130,7 @@ def test_dp_round_without_updates_raises() -> None:
 
 
 @pytest.mark.parametrize("noise_multiplier, clip_norm, count", [(1.0, 0.5, 4), (2.5, 1.0, 10)])
-def test_server_noise_std_is_z_times_clip_over_count(noise_multiplier: float, clip_norm: float, count: int) -> None:
+def test_server_noise_std_matches_formula(noise_multiplier: float, clip_norm: float, count: int) -> None:
     size = 200_000
     template = {"w": torch.zeros(size)}
     strategy = DPFedAvg(noise_multiplier=noise_multiplier, clip_norm=clip_norm, seed=3)

@@ -7,8 +7,8 @@ Properties:
 - The consumer's chunk reassembly and blob fetch never raise, hold at most the
   declared payload size, which is itself checked against ``max_payload_bytes``.
 
-Memory is measured with tracemalloc, which sees numpy's, msgpack's and zstandard's
-allocations through Python's allocator hooks.
+Memory is measured with tracemalloc, which records numpy's, msgpack's and
+zstandard's allocations through Python's allocator hooks.
 """
 
 from __future__ import annotations

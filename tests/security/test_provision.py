@@ -1,7 +1,7 @@
 """Provisioned workers on a real RabbitMQ node: each permission denial, and a run without declarations.
 
 Every check connects as a provisioned worker user and tries one operation. RabbitMQ
-answers a refused operation by closing the channel with 403 ACCESS_REFUSED (or 406
+rejects an operation by closing the channel with 403 ACCESS_REFUSED (or 406
 PRECONDITION_FAILED for a forged user_id), which pika raises as ChannelClosedByBroker.
 """
 
