@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -468,17 +469,24 @@ def plot_grid(grid: list[RunResult], image_dir: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     image_dir.mkdir(parents=True, exist_ok=True)
     by_key: dict[tuple[str, str], list[RunResult]] = {}
     for result in grid:
         by_key.setdefault((result.task, result.partition), []).append(result)
+    colors = plt.get_cmap("tab20").colors
     for (task_name, partition), results in by_key.items():
         figure, axis = plt.subplots(figsize=(7, 4.5))
-        for result in results:
-            style = "k--" if result.label == "centralized" else "-"
-            axis.plot(range(1, len(result.accuracy) + 1), result.accuracy, style, label=result.label, linewidth=1.2)
+        for index, result in enumerate(results):
+            rounds = range(1, len(result.accuracy) + 1)
+            if result.label == "centralized":
+                axis.plot(rounds, result.accuracy, "k--", label=result.label, linewidth=1.2)
+            else:
+                style = "-" if index % 2 else "-."
+                axis.plot(rounds, result.accuracy, style, color=colors[index % len(colors)], label=result.label, linewidth=1.2)
         axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("global test accuracy")
         axis.set_title(f"{task_name}, {partition}, {NUM_WORKERS} workers")
         axis.set_ylim(0.0, 1.0)
@@ -521,6 +529,31 @@ def replace_docs_section(path: Path, markdown: str) -> None:
 # Entry point
 
 
+def run_all(task_names: Sequence[str], partitions: Sequence[str], *, processes: int, extra: bool) -> tuple[list[RunResult], dict[str, RunResult], dict[str, Any]]:
+    """Run the grid, and unless ``extra`` is False the two extra experiments, in a pool of ``processes``."""
+    jobs = grid_jobs(task_names, partitions)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes=max(1, processes)) as pool:
+        pending_extra = None
+        if extra and "digits" in task_names:
+            pending_extra = (pool.apply_async(heterogeneous_work), pool.apply_async(cluster_recovery))
+        grid = pool.map(run_job, jobs, chunksize=1)
+        hetero, clusters = (pending_extra[0].get(), pending_extra[1].get()) if pending_extra else ({}, {})
+    return grid, hetero, clusters
+
+
+def load_results(path: Path) -> tuple[list[RunResult], dict[str, RunResult], dict[str, Any], float]:
+    """Read back what ``main`` wrote to results.json."""
+    payload = json.loads(path.read_text())
+    grid = [RunResult(**result) for result in payload["grid"]]
+    hetero = {label: RunResult(**result) for label, result in payload["heterogeneous_work"].items()}
+    stored = payload["clusters"]
+    clusters: dict[str, Any] = {}
+    if stored.get("ifca"):
+        clusters = {"agreement": stored["agreement"], "ifca": RunResult(**stored["ifca"]), "fedavg": RunResult(**stored["fedavg"])}
+    return grid, hetero, clusters, float(payload["wall_time_s"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.noniid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default="digits,mnist", help="comma-separated tasks (default: digits,mnist)")
@@ -529,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("runs/noniid"), help="folder for results.json and results.md (default: runs/noniid)")
     parser.add_argument("--skip-extra", action="store_true", help="skip the heterogeneous-work and known-cluster experiments")
     parser.add_argument("--write-docs", action="store_true", help="write the plots to docs/img and the results into docs/strategies.md")
+    parser.add_argument("--from-json", type=Path, default=None, help="rebuild the report and the plots from the results.json of an earlier run instead of running")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -539,26 +573,25 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown tasks or partitions {unknown}; choose from {sorted(TASKS)} and {sorted(PARTITIONS)}")
 
-    jobs = grid_jobs(task_names, partitions)
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(processes=max(1, args.processes)) as pool:
-        pending_extra = None
-        if not args.skip_extra and "digits" in TASKS:
-            pending_extra = (pool.apply_async(heterogeneous_work), pool.apply_async(cluster_recovery))
-        grid = pool.map(run_job, jobs, chunksize=1)
-        hetero, clusters = (pending_extra[0].get(), pending_extra[1].get()) if pending_extra else ({}, {})
-    wall_time_s = time.monotonic() - started
+    if args.from_json is not None:
+        grid, hetero, clusters, wall_time_s = load_results(args.from_json)
+    else:
+        grid, hetero, clusters = run_all(task_names, partitions, processes=args.processes, extra=not args.skip_extra)
+        wall_time_s = time.monotonic() - started
 
     markdown = results_markdown(grid, hetero, clusters, wall_time_s)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.md").write_text(markdown)
-    payload = {
-        "grid": [asdict(result) for result in grid],
-        "heterogeneous_work": {label: asdict(result) for label, result in hetero.items()},
-        "clusters": {"agreement": clusters.get("agreement", []), "ifca": asdict(clusters["ifca"]) if clusters else None, "fedavg": asdict(clusters["fedavg"]) if clusters else None},
-        "wall_time_s": wall_time_s,
-    }
-    (args.output / "results.json").write_text(json.dumps(payload, indent=1))
+    if args.from_json is None:
+        payload = {
+            "grid": [asdict(result) for result in grid],
+            "heterogeneous_work": {label: asdict(result) for label, result in hetero.items()},
+            "clusters": {"agreement": clusters.get("agreement", []), "ifca": asdict(clusters["ifca"]) if clusters else None, "fedavg": asdict(clusters["fedavg"]) if clusters else None},
+            "wall_time_s": wall_time_s,
+            "load_average": list(os.getloadavg()),
+            "cpu_count": os.cpu_count(),
+        }
+        (args.output / "results.json").write_text(json.dumps(payload, indent=1))
     image_dir = DOCS_DIR / "img" if args.write_docs else args.output / "img"
     plot_grid(grid, image_dir)
     if clusters:

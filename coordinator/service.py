@@ -613,7 +613,7 @@ class Coordinator:
                 self.broker.reconnect(exc)
                 if self.current is not None:
                     # The broker requeued the unacked deliveries of the lost connection.
-                    # Their updates stay in the sum, and redeliveries count as duplicates.
+                    # Their updates stay in the sum, and the redeliveries count in ``redelivered``.
                     self.current.held = [d for d in self.current.held if d.epoch == self.broker.epoch]
 
     def _ack(self, delivery: Delivery) -> None:

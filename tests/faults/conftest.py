@@ -1,4 +1,9 @@
-"""Fixtures of the fault tests: a RabbitMQ node per test, a federation name and the processes."""
+"""Fixtures of the fault tests: RabbitMQ nodes, a federation name and the processes.
+
+Tests that only kill or stop fedmq processes share the session's node, each in its
+own federation. Tests that stop, reconfigure or disconnect the broker get a node of
+their own.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,14 @@ def federation(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def services(tmp_path: Path, node: RabbitMQNode, federation: str) -> Iterator[Services]:
-    """Starts coordinators and workers on ``node``; kills those still running when the test ends."""
+def services(tmp_path: Path, rabbitmq: RabbitMQNode, federation: str) -> Iterator[Services]:
+    """Starts coordinators and workers on the session's node; kills those still running when the test ends."""
+    with Services(tmp_path / "logs", rabbitmq.url, federation) as started:
+        yield started
+
+
+@pytest.fixture
+def own_services(tmp_path: Path, node: RabbitMQNode, federation: str) -> Iterator[Services]:
+    """Like ``services``, on the test's own node from the ``node`` fixture."""
     with Services(tmp_path / "logs", node.url, federation) as started:
         yield started

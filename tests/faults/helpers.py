@@ -35,8 +35,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 FAULTY_TASK = "tests.faults.tasks:FaultyDigitsTask"
 WIDE_TASK = "tests.faults.tasks:WideDigitsTask"
 
-# Seconds a stopped process gets after SIGTERM before the cleanup sends SIGKILL.
-_STOP_GRACE_S = 10.0
 _LOG_TAIL_CHARS = 4000
 
 T = TypeVar("T")
@@ -148,15 +146,9 @@ class Services:
         return "\n".join(service.log_tail() for service in self.started)
 
     def close(self) -> None:
-        running = [service for service in self.started if service.running]
-        for service in running:
-            service.terminate()
-        deadline = time.monotonic() + _STOP_GRACE_S
-        for service in running:
-            try:
-                service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                service.kill()
+        """Kill every service still running with SIGKILL; tests that check a clean stop send SIGTERM themselves."""
+        for service in self.started:
+            service.kill()
 
 
 def fedmq_command(*args: str) -> list[str]:

@@ -234,14 +234,14 @@ def test_tampered_blob_chunk_is_dead_lettered(broker_url: str) -> None:
         worker.close()
 
 
-def test_deleted_queue_cancels_consumer_and_reconnect_restores_it(node: RabbitMQNode) -> None:
+def test_deleted_queue_cancels_consumer_and_reconnect_restores_it(rabbitmq: RabbitMQNode) -> None:
     federation = f"faults-cancel-{uuid.uuid4().hex[:6]}"
-    client = BrokerClient(BrokerSettings(url=node.url, federation=federation), client_name="cancel")
+    client = BrokerClient(BrokerSettings(url=rabbitmq.url, federation=federation), client_name="cancel")
     client.add_setup_step(lambda: client.declare_worker_queue("w1"))
     received = collect(client, client.topology.worker_queue("w1"))
     client.connect()
     try:
-        node.ctl("delete_queue", client.topology.worker_queue("w1"))
+        rabbitmq.ctl("delete_queue", client.topology.worker_queue("w1"))
 
         with pytest.raises(ConsumerCancelledError):
             pump_until([client], lambda: False, timeout_s=10.0)
@@ -250,7 +250,7 @@ def test_deleted_queue_cancels_consumer_and_reconnect_restores_it(node: RabbitMQ
         pump_until([client], lambda: len(received) == 1)
 
         assert bytes(received[0].body) == b"after the reconnect"
-        assert consumer_counts(node, federation) == {client.topology.worker_queue("w1"): 1}
+        assert consumer_counts(rabbitmq, federation) == {client.topology.worker_queue("w1"): 1}
     finally:
         client.close()
 

@@ -24,30 +24,30 @@ def expected_consumers(federation: str) -> dict[str, int]:
     return {f"{federation}.results": 1, **{f"{federation}.worker.w{index}": 1 for index in (1, 2, 3)}}
 
 
-def test_broker_outage_and_dropped_connections(services: Services, node: RabbitMQNode, tmp_path: Path, federation: str) -> None:
+def test_broker_outage_and_dropped_connections(own_services: Services, node: RabbitMQNode, tmp_path: Path, federation: str) -> None:
     run_dir = tmp_path / "run"
-    coordinator = services.coordinator(run_dir, "--rounds", str(ROUNDS), "--min-workers", "3", "--round-deadline-s", "120")
+    coordinator = own_services.coordinator(run_dir, "--rounds", str(ROUNDS), "--min-workers", "3", "--round-deadline-s", "120")
     # Staggered workers keep each round open for about three seconds.
-    workers = [services.worker(f"w{index}", f"{index - 1}/3", env={DELAY_ENV: delay}) for index, delay in ((1, "0.3"), (2, "1.5"), (3, "3"))]
+    workers = [own_services.worker(f"w{index}", f"{index - 1}/3", env={DELAY_ENV: delay}) for index, delay in ((1, "0.3"), (2, "1.5"), (3, "3"))]
     everyone = [coordinator, *workers]
 
     # Stop the broker after round 3's first update was accepted, and start it again.
-    wait_until(lambda: "round 3: accepted update from worker" in coordinator.log(), timeout_s=TIMEOUT_S, what="round 3's first update", watch=everyone, services=services)
+    wait_until(lambda: "round 3: accepted update from worker" in coordinator.log(), timeout_s=TIMEOUT_S, what="round 3's first update", watch=everyone, services=own_services)
     node.stop()
     time.sleep(OUTAGE_S)
     node.start()
 
     # After the restart each queue has exactly one consumer again.
-    wait_for_round(run_dir, 4, timeout_s=TIMEOUT_S, watch=everyone, services=services)
+    wait_for_round(run_dir, 4, timeout_s=TIMEOUT_S, watch=everyone, services=own_services)
     after_restart = consumer_counts(node, federation)
 
     # Every connection is closed by the broker in round 5.
-    wait_until(lambda: "round 5: accepted update from worker" in coordinator.log(), timeout_s=TIMEOUT_S, what="round 5's first update", watch=everyone, services=services)
+    wait_until(lambda: "round 5: accepted update from worker" in coordinator.log(), timeout_s=TIMEOUT_S, what="round 5's first update", watch=everyone, services=own_services)
     node.ctl("close_all_connections", "connections closed by a fault test")
-    wait_for_round(run_dir, 6, timeout_s=TIMEOUT_S, watch=everyone, services=services)
+    wait_for_round(run_dir, 6, timeout_s=TIMEOUT_S, watch=everyone, services=own_services)
     after_close = consumer_counts(node, federation)
 
-    assert coordinator.wait(TIMEOUT_S) == 0, services.logs()
+    assert coordinator.wait(TIMEOUT_S) == 0, own_services.logs()
     assert after_restart == expected_consumers(federation)
     assert after_close == expected_consumers(federation)
 

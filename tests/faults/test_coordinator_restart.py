@@ -23,7 +23,7 @@ TIMEOUT_S = 240.0
 ROUNDS = 5
 
 # Workers reply in a fixed order, seconds apart, so a round is open long enough to interrupt.
-WORKER_DELAYS_S = {"w1": "0.2", "w2": "2", "w3": "4"}
+WORKER_DELAYS_S = {"w1": "0.1", "w2": "1.5", "w3": "3"}
 
 
 def start_workers(services: Services) -> list[Service]:

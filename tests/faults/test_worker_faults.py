@@ -101,7 +101,7 @@ def test_training_exceptions_count_as_dropouts(services: Services, tmp_path: Pat
     assert "w1" in records[0]["workers"]
 
 
-def test_late_and_returning_workers(services: Services, node: RabbitMQNode, tmp_path: Path, federation: str) -> None:
+def test_late_and_returning_workers(services: Services, rabbitmq: RabbitMQNode, tmp_path: Path, federation: str) -> None:
     run_dir = tmp_path / "run"
     slow = {DELAY_ENV: "1"}
     # More rounds than the test needs; it stops the coordinator with SIGTERM.
@@ -126,7 +126,7 @@ def test_late_and_returning_workers(services: Services, node: RabbitMQNode, tmp_
     late.kill()
     missed_from = read_metrics(run_dir)[-1]["round"]
     wait_for_round(run_dir, missed_from + 4, timeout_s=RUN_TIMEOUT_S, watch=[coordinator], services=services)
-    backlog = queue_depth(node.url, federation, f"{federation}.worker.w3")
+    backlog = queue_depth(rabbitmq.url, federation, f"{federation}.worker.w3")
     log_offset = len(late.log())
     returned = services.worker("w3", "2/3", env=slow)
     resent = wait_until(
@@ -142,7 +142,7 @@ def test_late_and_returning_workers(services: Services, node: RabbitMQNode, tmp_
     assert coordinator.wait(60) == 0, services.logs()
 
 
-def test_worker_sigterm_finishes_round_and_leaves(services: Services, node: RabbitMQNode, tmp_path: Path, federation: str) -> None:
+def test_worker_sigterm_finishes_round_and_leaves(services: Services, rabbitmq: RabbitMQNode, tmp_path: Path, federation: str) -> None:
     deadline_s = 60.0
     run_dir = tmp_path / "run"
     coordinator = services.coordinator(run_dir, "--rounds", "3", "--min-workers", "2", "--round-deadline-s", str(deadline_s))
@@ -165,4 +165,4 @@ def test_worker_sigterm_finishes_round_and_leaves(services: Services, node: Rabb
     assert records[2]["duration_s"] < deadline_s / 10
     assert "worker w2 left (shutdown)" in coordinator.log()
     assert "training round 3" not in slow.log()
-    assert f"{federation}.worker.w2" not in consumer_counts(node, federation)
+    assert f"{federation}.worker.w2" not in consumer_counts(rabbitmq, federation)

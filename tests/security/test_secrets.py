@@ -13,6 +13,7 @@ from pathlib import Path
 import pika
 import pytest
 
+from fedmq.broker import BrokerSettings, connection_parameters
 from fedmq.cli import main
 from fedmq.errors import ConfigError
 from fedmq.provision import ManagementClient, provision_worker
@@ -88,6 +89,19 @@ def test_split_credentials_decodes_user_and_password() -> None:
     assert split_credentials("amqps://us%40er:p%3Ass@host:5671/v%2Fh?heartbeat=5") == ("amqps://host:5671/v%2Fh?heartbeat=5", "us@er", "p:ss")
     assert split_credentials("amqp://w1@host/fed") == ("amqp://host/fed", "w1", None)
     assert split_credentials("amqp://host/fed") == ("amqp://host/fed", None, None)
+
+
+def test_broker_settings_keep_password_apart() -> None:
+    settings = BrokerSettings(url="amqp://w1@127.0.0.1:5672/fed", password="apart-secret-5")
+
+    parameters = connection_parameters(settings)
+
+    assert parameters.credentials.username == "w1"
+    assert parameters.credentials.password == "apart-secret-5"
+    assert parameters.virtual_host == "fed"
+    assert parameters.ssl_options is None
+    assert "apart-secret-5" not in repr(settings)
+    assert "apart-secret-5" not in repr(parameters)
 
 
 def test_redacting_filter_hides_registered_secrets() -> None:
