@@ -475,7 +475,7 @@ def plot_grid(grid: list[RunResult], image_dir: Path) -> None:
     by_key: dict[tuple[str, str], list[RunResult]] = {}
     for result in grid:
         by_key.setdefault((result.task, result.partition), []).append(result)
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab20")
     for (task_name, partition), results in by_key.items():
         figure, axis = plt.subplots(figsize=(7, 4.5))
         for index, result in enumerate(results):
@@ -484,7 +484,7 @@ def plot_grid(grid: list[RunResult], image_dir: Path) -> None:
                 axis.plot(rounds, result.accuracy, "k--", label=result.label, linewidth=1.2)
             else:
                 style = "-" if index % 2 else "-."
-                axis.plot(rounds, result.accuracy, style, color=colors[index % len(colors)], label=result.label, linewidth=1.2)
+                axis.plot(rounds, result.accuracy, style, color=colors(index % colors.N), label=result.label, linewidth=1.2)
         axis.set_xlabel("round")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("global test accuracy")

@@ -15,8 +15,9 @@ coordinator's Strategy classes, the workers' ``LocalTrainer`` (with its privacy
 steps), and the message encoding and decoding (``encode_message``,
 ``decode_message``, ``decode_update``) with the float32 codec. The coordinator's
 norm-outlier gate (``coordinator.validation.NormGate``) is not part of the
-simulation, so the Byzantine updates reach the strategies; over a broker the gate
-would reject a -100x update once two honest norms of the round are known.
+simulation, so the Byzantine updates reach the strategies. Over a broker the gate
+would reject most of them, because a -100x update exceeds its default bound of 50
+times the median honest norm.
 
 Outputs go to ``--output`` (default ``runs/privacy``): ``results.json`` and
 ``results.md``. ``--write-docs`` replaces the results section of ``docs/privacy.md``.
@@ -106,13 +107,13 @@ def simulate(
 
     Every worker takes part in a round with probability ``participation``, drawn
     from a generator seeded with ``seed``. A round in which nobody takes part, or
-    whose aggregate is not finite, leaves the model unchanged, and a worker whose
+    whose aggregate is not finite, leaves the model unchanged. A worker whose
     training raises is left out of the round, as over a broker. Updates of
     ``attack.workers`` are scaled after decoding, as a worker that sends arbitrary
     values would.
     """
-    # One torch thread, as a worker uses by default; more threads on a busy machine
-    # made the same run ten times slower (OpenMP threads spinning for cores).
+    # One torch thread, as a worker uses by default. With two threads on a busy
+    # 2-core machine the same run took more than ten times as long.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -334,7 +335,7 @@ def results_markdown(
         "",
         f"**Byzantine workers**: 2 of 10 workers send their honest update times -100, {settings['byzantine_rounds']} rounds, "
         "without the norm-outlier gate. Robust options: "
-        + ", ".join(f"{name} {options}" if options else name for name, options in ROBUST_STRATEGIES.items())
+        + ", ".join(_with_options(name, options) for name, options in ROBUST_STRATEGIES.items())
         + ".",
         "",
         "| strategy | " + " | ".join(f"accuracy ({partition})" for partition in byzantine) + " |",
@@ -345,6 +346,12 @@ def results_markdown(
         cells = " | ".join(f"{results[index].final_accuracy:.4f}" for results in byzantine.values())
         lines.append(f"| {label} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def _with_options(name: str, options: Mapping[str, Any]) -> str:
+    if not options:
+        return f"`{name}`"
+    return f"`{name}` (" + ", ".join(f"{key}={value}" for key, value in options.items()) + ")"
 
 
 def replace_docs_section(path: Path, markdown: str) -> None:
