@@ -211,6 +211,23 @@ def wait_for_round(run_dir: Path, round_number: int, *, timeout_s: float, watch:
     )
 
 
+def wait_for_checkpoint(run_dir: Path, completed_rounds: int, *, timeout_s: float, watch: Iterable[Service] = (), services: Services | None = None) -> dict[str, Any]:
+    """Wait until the checkpoint covers ``completed_rounds`` and return its state.
+
+    The coordinator writes a round's metrics before its checkpoint, so a test that
+    reads the checkpoint waits for it rather than for the metrics.
+    """
+
+    def probe() -> dict[str, Any] | None:
+        try:
+            state = checkpoint_state(run_dir)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return state if state["completed_rounds"] >= completed_rounds else None
+
+    return wait_until(probe, timeout_s=timeout_s, what=f"the checkpoint after round {completed_rounds} in {run_dir}", watch=watch, services=services)
+
+
 def count_lines(service: Service, text: str) -> int:
     return sum(1 for line in service.log().splitlines() if text in line)
 

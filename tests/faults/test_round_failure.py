@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from fedmq.cli import EXIT_ROUND_FAILED
-from tests.faults.helpers import Services, checkpoint_model, checkpoint_state, read_metrics, wait_for_round
+from tests.faults.helpers import Services, checkpoint_model, checkpoint_state, read_metrics, wait_for_checkpoint
 from tests.faults.tasks import DELAY_ENV, DELAY_FROM_ENV
 
 
@@ -24,7 +24,7 @@ def test_round_below_minimum_fails_after_retries(services: Services, tmp_path: P
     slow_from_round_2 = {DELAY_ENV: "5", DELAY_FROM_ENV: "2"}
     workers = [services.worker("w1", "0/3")]
     workers += [services.worker(f"w{index}", f"{index - 1}/3", env=slow_from_round_2) for index in (2, 3)]
-    wait_for_round(run_dir, 1, timeout_s=180, watch=[coordinator], services=services)
+    wait_for_checkpoint(run_dir, 1, timeout_s=300, watch=[coordinator], services=services)
     model_after_round_1 = checkpoint_model(run_dir)
     workers[1].kill()
     workers[2].kill()
