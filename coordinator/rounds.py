@@ -66,7 +66,7 @@ class RoundState:
         return len(self.accepted) >= self.min_updates
 
     def ready_to_close(self, now: float) -> bool:
-        """Return whether the round can stop waiting: quorum reached, nobody left to hear from, or deadline passed."""
+        """Return whether the round can close: the target is reached, every sent worker replied, or the deadline passed."""
         if now >= self.deadline_unix:
             return True
         if len(self.accepted) >= self.target:

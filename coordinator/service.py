@@ -152,7 +152,7 @@ class WorkerInfo:
 
 @dataclass
 class RunResult:
-    """What a finished run reports."""
+    """Summary of a finished run: rounds, final metrics, wall time and bytes."""
 
     run_id: str
     rounds_completed: int
@@ -447,7 +447,7 @@ class Coordinator:
         state = self.current
         if state is None or self._round_start_body is None or worker_id in state.responded:
             return
-        # A worker that holds the delta's base gets the broadcast delta, any other the full model.
+        # A worker with the delta's base model gets the broadcast delta, and any other worker the full model.
         full = self._downlink.needs_full(worker_id)
         body = self._full_round_start_body() if full else self._round_start_body
         names = self.broker.topology

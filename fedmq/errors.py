@@ -34,7 +34,7 @@ class MessageError(FedmqError, ValueError):
     """A message failed to decode or validate.
 
     ``field`` names the offending field (dotted for nested fields, such as
-    ``tensors.fc1.weight.shape``), ``expected`` says what was allowed and ``got``
+    ``tensors.fc1.weight.shape``), ``expected`` describes what was allowed and ``got``
     what arrived. The text carries all three.
     """
 
