@@ -34,6 +34,7 @@ from types import TracebackType
 
 import pika
 import pika.exceptions
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from fedmq.errors import BrokerError, ConfigError
 
@@ -60,6 +61,9 @@ _LOOPBACK_ERL_ARGS = "-kernel inet_dist_use_interface {127,0,0,1}"
 _NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+@[A-Za-z0-9.-]+")
 _READY_POLL_INTERVAL_S = 0.2
 _PORT_RELEASE_WAIT_S = 5.0
+# Number of first starts, each with freshly picked ports, before a port conflict is raised.
+_PORT_ATTEMPTS = 3
+_PORT_IN_USE_PATTERN = re.compile(r"eaddrinuse|already_used", re.IGNORECASE)
 _LOG_TAIL_LINES = 40
 _node_counter = itertools.count(1)
 
@@ -80,6 +84,17 @@ class NodeTls:
 
 class RabbitMQNotInstalledError(BrokerError):
     """The ``rabbitmq-server`` script was not found, so no node can start."""
+
+
+class _PortInUseError(BrokerError):
+    """A port of the node was taken by another process when the node started.
+
+    ``picked`` is False when the port is one the caller chose, so picking new ports cannot help.
+    """
+
+    def __init__(self, message: str, *, picked: bool = True) -> None:
+        super().__init__(message)
+        self.picked = picked
 
 
 def rabbitmq_server_path() -> Path | None:
@@ -167,20 +182,15 @@ class RabbitMQNode:
             )
         self._advanced_config = advanced_config
 
-        # Pick every missing port while the others are still bound, so they all differ.
-        reserved: list[socket.socket] = []
-        try:
-            self._port = port if port is not None else _bind_free_port(reserved)
-            self._dist_port = _bind_free_port(reserved)
-            self._management_port: int | None = None
-            if management:
-                self._management_port = management_port if management_port is not None else _bind_free_port(reserved)
-            self._tls_port: int | None = None
-            if tls is not None:
-                self._tls_port = tls_port if tls_port is not None else _bind_free_port(reserved)
-        finally:
-            for sock in reserved:
-                sock.close()
+        # Ports given by the caller stay fixed. The others are picked now, and picked
+        # again when the first start finds one of them taken.
+        self._requested_ports = {"port": port, "management_port": management_port, "tls_port": tls_port}
+        self._port = 0
+        self._dist_port = 0
+        self._management_port: int | None = None
+        self._tls_port: int | None = None
+        self._pick_ports()
+        self._has_started = False
 
         self._owns_base_dir = base_dir is None
         if base_dir is None:
@@ -303,6 +313,22 @@ class RabbitMQNode:
         self._reap()
 
         server = self._require_server_path()
+        # Another process can take a picked port between the pick and the node's bind.
+        # Only the first start picks again: a restarted node keeps the ports its clients know.
+        attempts = 1 if self._has_started else _PORT_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_process(server, timeout_s)
+            except _PortInUseError as error:
+                if attempt == attempts or not error.picked:
+                    raise
+                logger.warning("RabbitMQ node %s: %s; picking new ports [%d/%d]", self._node_name, error, attempt, attempts)
+                self._pick_ports()
+                continue
+            self._has_started = True
+            return
+
+    def _start_process(self, server: Path, timeout_s: float) -> None:
         self._check_ports_free()
         self._write_node_files()
 
@@ -446,20 +472,40 @@ class RabbitMQNode:
             f"{self._node_name} cannot start; install it with: {INSTALL_HINT}"
         )
 
+    def _pick_ports(self) -> None:
+        """Pick a free port for every port the caller left unset, holding each bound until all differ."""
+        requested = self._requested_ports
+        reserved: list[socket.socket] = []
+        try:
+            self._port = requested["port"] if requested["port"] is not None else _bind_free_port(reserved)
+            self._dist_port = _bind_free_port(reserved)
+            if self._management:
+                picked = requested["management_port"]
+                self._management_port = picked if picked is not None else _bind_free_port(reserved)
+            if self._tls is not None:
+                picked = requested["tls_port"]
+                self._tls_port = picked if picked is not None else _bind_free_port(reserved)
+        finally:
+            for sock in reserved:
+                sock.close()
+
     def _check_ports_free(self) -> None:
-        ports = {"AMQP": self._port, "Erlang distribution": self._dist_port}
+        requested = self._requested_ports
+        ports = {"AMQP": (self._port, requested["port"] is None), "Erlang distribution": (self._dist_port, True)}
         if self._management_port is not None:
-            ports["management"] = self._management_port
+            ports["management"] = (self._management_port, requested["management_port"] is None)
         if self._tls_port is not None:
-            ports["AMQPS"] = self._tls_port
-        # A killed node's listening sockets can outlive its processes for a moment.
+            ports["AMQPS"] = (self._tls_port, requested["tls_port"] is None)
+        # A killed node's listening sockets can outlive its processes for a moment. Before
+        # the first start no node of ours has held a picked port, so that one is picked again at once.
         deadline = time.monotonic() + _PORT_RELEASE_WAIT_S
-        for role, port in ports.items():
+        for role, (port, picked) in ports.items():
             while not _port_is_free(port):
-                if time.monotonic() >= deadline:
-                    raise BrokerError(
+                if time.monotonic() >= deadline or (picked and not self._has_started):
+                    raise _PortInUseError(
                         f"{role} port {LOOPBACK}:{port} of RabbitMQ node {self._node_name} is already in use, "
-                        "so the node was not started; stop whatever listens there or choose another port"
+                        "so the node was not started; stop whatever listens there or choose another port",
+                        picked=picked,
                     )
                 time.sleep(0.1)
 
@@ -539,9 +585,13 @@ class RabbitMQNode:
         while True:
             if self._has_exited():
                 status = self._exit_status()
-                raise BrokerError(
+                tail = self._log_tail()
+                # RabbitMQ 3.10 logs eaddrinuse for a taken listener port and
+                # dist_port_already_used for a taken Erlang distribution port.
+                error_type = _PortInUseError if _PORT_IN_USE_PATTERN.search(tail) else BrokerError
+                raise error_type(
                     f"RabbitMQ node {self._node_name} exited with status {status} while starting; "
-                    f"the last lines of its logs:\n{self._log_tail()}"
+                    f"the last lines of its logs:\n{tail}"
                 )
             if self._accepts_login():
                 return
@@ -572,7 +622,9 @@ class RabbitMQNode:
         )
         try:
             connection = pika.BlockingConnection(parameters)
-        except pika.exceptions.AMQPError as error:
+        except (pika.exceptions.AMQPError, AMQPConnectorException) as error:
+            # A handshake timeout (AMQPConnectorStackTimeout) is no AMQPError: it comes
+            # from something on the port that accepts TCP and never speaks AMQP.
             logger.debug("RabbitMQ node %s does not accept a login yet: %r", self._node_name, error)
             return False
         connection.close()

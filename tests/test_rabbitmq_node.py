@@ -411,3 +411,34 @@ def test_node_name_gets_localhost_host() -> None:
         assert node.node_name == "fedmq-named@localhost"
     finally:
         node.close()
+
+
+@pytest.mark.parametrize("role", ["port", "dist_port"])
+def test_taken_picked_port_is_picked_again(rabbitmq_server: Path, monkeypatch: pytest.MonkeyPatch, role: str) -> None:
+    node = RabbitMQNode()
+    checks = 0
+    original_check = node._check_ports_free
+
+    def check_after_first_start(self: RabbitMQNode) -> None:
+        # The first start skips the check, as when another process binds the port
+        # after the check and before the node does.
+        nonlocal checks
+        checks += 1
+        if checks > 1:
+            original_check()
+
+    monkeypatch.setattr(node, "_check_ports_free", check_after_first_start.__get__(node))
+    taken = getattr(node, role)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        # A listener that accepts TCP and never speaks AMQP, as a foreign server would.
+        listener.bind(("127.0.0.1", taken))
+        listener.listen()
+        try:
+            node.start()
+            assert node.is_running
+            assert checks == 2
+            assert getattr(node, role) != taken
+            _publish_persistent(node.url, "after-repick", b"payload")
+            assert _get_one(node.url, "after-repick") == b"payload"
+        finally:
+            node.close()
