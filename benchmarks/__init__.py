@@ -11,6 +11,8 @@ Sections:
 - ``codecs``: encode and decode of state dicts, against a memory copy of their bytes.
 - ``aggregation``: the streaming weighted sum, against the plain in-place
   multiply-add; coordinator peak memory, against keeping every update in a list.
+- ``training``: a worker's local training and whole round, against a plain torch loop
+  over the same data.
 - ``rounds``: round overhead with no-op training, against raw pika moving the same
   bytes through the same broker.
 - ``compression``: uplink and downlink bytes per round and final accuracy per codec.

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import aggregation_bench, codecs_bench, compression_bench, end_to_end_bench, io_bench, report, rounds_bench
+from benchmarks import aggregation_bench, codecs_bench, compression_bench, end_to_end_bench, io_bench, report, rounds_bench, training_bench
 from benchmarks.common import REPO_ROOT, machine_description
 from fedmq.rabbitmq_node import RabbitMQNode
 from fedmq.tuning import tune_allocator
 
-SECTIONS = ("io", "codecs", "aggregation", "rounds", "compression", "end_to_end")
+SECTIONS = ("io", "codecs", "aggregation", "training", "rounds", "compression", "end_to_end")
 BROKER_SECTIONS = {"io", "rounds", "end_to_end"}
 
 
@@ -29,6 +29,8 @@ def _section_runner(name: str, quick: bool, url: str | None) -> Callable[[], dic
         return lambda: codecs_bench.run(quick=quick)
     if name == "aggregation":
         return lambda: aggregation_bench.run(quick=quick)
+    if name == "training":
+        return lambda: training_bench.run(quick=quick)
     if name == "rounds":
         return lambda: rounds_bench.run(quick=quick, url=_need(url))
     if name == "compression":

@@ -99,6 +99,23 @@ def _aggregation(section: dict[str, Any]) -> str:
     return text
 
 
+def _training(section: dict[str, Any]) -> str:
+    text = "## training: local training against a plain torch loop\n\n"
+    text += (
+        f"Reference: {section['reference']}. fedmq train is the task's training call; the worker round adds decoding the "
+        "round start, loading the weights, and computing and encoding float32 deltas.\n\n"
+    )
+    text += _table(
+        ["task", "batch", "steps", "plain loop (s)", "fedmq train (s)", "vs plain", "worker round (s)", "vs plain", "overhead per step (us)"],
+        [
+            [r["task"], r["batch_size"], r["steps"], r["plain_s"], r["fedmq_train_s"], r["fedmq_train_vs_plain"],
+             r["worker_round_s"], r["worker_round_vs_plain"], r["overhead_per_step_us"]]
+            for r in section["results"]
+        ],
+    )
+    return text
+
+
 def _rounds(section: dict[str, Any]) -> str:
     text = "## rounds: round overhead with no-op training\n\n"
     text += f"Workers: {section['workers_are']}. Reference: {section['reference']}. Target: fedmq at most 1.3 times the raw round.\n\n"
@@ -165,7 +182,7 @@ LIMITS = """\
 """
 
 
-RENDERERS = {"io": _io, "codecs": _codecs, "aggregation": _aggregation, "rounds": _rounds, "compression": _compression, "end_to_end": _end_to_end}
+RENDERERS = {"io": _io, "codecs": _codecs, "aggregation": _aggregation, "training": _training, "rounds": _rounds, "compression": _compression, "end_to_end": _end_to_end}
 
 
 def render(results: dict[str, Any]) -> str:

@@ -45,7 +45,7 @@ from fedmq.logging_setup import log_context, set_log_context
 from fedmq.metrics import CoordinatorMetrics
 from fedmq.rundir import write_final_model, write_settings
 from fedmq.tasks import Task, load_task
-from schemas.codecs import CodecSpec
+from schemas.codecs import CodecSpec, all_finite
 from schemas.messages import (
     DecodeLimits,
     Join,
@@ -812,7 +812,8 @@ class Coordinator:
         state.accepted_messages[worker_id] = delivery.message_id
         self.metrics.update_accepted()
         state.failed.pop(worker_id, None)
-        state.bytes_in += len(delivery.body)
+        body_bytes = len(delivery.body)
+        state.bytes_in += body_bytes
         state.held.append(delivery)
         # The ack after the checkpoint needs only the delivery tags. Dropping the body here
         # keeps one update body in memory at a time, unless the strategy kept its values.
@@ -826,7 +827,7 @@ class Coordinator:
             state.sent.add(worker_id)
         logger.debug(
             "run %s round %d: accepted update from worker %s (%d samples, norm %.4g, %d bytes) [%d/%d]",
-            self.run_id, state.round, worker_id, update.num_samples, norm, len(delivery.body), len(state.accepted), state.target,
+            self.run_id, state.round, worker_id, update.num_samples, norm, body_bytes, len(state.accepted), state.target,
         )
 
     def _on_transport_reject(self, rejected: TransportReject) -> None:
@@ -897,7 +898,18 @@ def _restore_history(path: Path, completed_rounds: int) -> list[dict[str, Any]]:
 
 
 def _non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
-    return [name for name, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    non_finite = []
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            continue
+        if tensor.dtype == torch.float32 and tensor.device.type == "cpu":
+            # One BLAS pass, where torch.isfinite would first allocate a model-sized bool tensor.
+            finite = all_finite(tensor.detach().numpy())
+        else:
+            finite = bool(torch.isfinite(tensor).all())
+        if not finite:
+            non_finite.append(name)
+    return non_finite
 
 
 def settings_dict(settings: CoordinatorSettings) -> dict[str, Any]:

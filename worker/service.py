@@ -107,6 +107,8 @@ class Worker:
         self._training: threading.Thread | None = None
         self._training_key: tuple[str, int, int] | None = None
         self._next_start: RoundStart | None = None
+        # The connection epoch on which this worker's queue was last seen empty, or -1.
+        self._drained_epoch = -1
         self._answered: set[tuple[str, int, int]] = set()
         self._pending_message_id: str | None = None
         self.metrics = WorkerMetrics()
@@ -255,8 +257,13 @@ class Worker:
             return
         # Round starts still queued are newer than the waiting one. Draining them first
         # means a worker back from an absence trains only the newest round of its backlog.
-        if self.broker.queue_depth(self.broker.topology.worker_queue(self.worker_id)) > 0:
-            return
+        # Round starts are acked on arrival, so the prefetch window never fills: once the
+        # queue was seen empty on this connection, later round starts arrive as they are
+        # published, and the queue needs no further check until the next reconnect.
+        if self._drained_epoch != self.broker.epoch:
+            if self.broker.queue_depth(self.broker.topology.worker_queue(self.worker_id)) > 0:
+                return
+            self._drained_epoch = self.broker.epoch
         start, self._next_start = self._next_start, None
 
         # A delta needs the model it was computed against; without it, ask for the full model.

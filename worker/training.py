@@ -21,6 +21,7 @@ from coordinator.downlink import apply_model_delta
 from coordinator.strategies.common import EVAL_EVERY_KEY, LOCAL_TEST_SAMPLES, PERSONAL_LAYERS_KEY, parse_patterns, split_personal
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.tasks import LocalData, Task, TrainConfig
+from fedmq.tasks.base import seed_torch
 from schemas import codecs
 from schemas import tensors as wire_tensors
 from schemas.messages import RoundStart, TrainingFailed, Update, encode_message
@@ -123,7 +124,7 @@ class LocalTrainer:
         self.held_version = start.model_version
 
         # Local training, with the strategy's gradient hook.
-        torch.manual_seed(config.seed)
+        seed_torch(config.seed)
         global_params = {name: tensor.detach().clone() for name, tensor in self.model.named_parameters()} if config.proximal_mu > 0 else None
         gradient_hook = plan.hook.gradient_hook(plan.hook_round, self.model)
         if self.sample_privacy is not None:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import aggregation_bench, codecs_bench, compression_bench, report, rounds_bench
+from benchmarks import aggregation_bench, codecs_bench, compression_bench, report, rounds_bench, training_bench
 from benchmarks.__main__ import run_suite
 from coordinator.validation import expected_tensors
 from fedmq.rabbitmq_node import RabbitMQNode
-from fedmq.tasks import DigitsTask
+from fedmq.tasks import DigitsTask, PartitionSpec, TrainConfig, load_task
 from schemas.codecs import CodecSpec
 
 
@@ -103,3 +103,36 @@ def test_report_renders_every_section(tmp_path: Path) -> None:
     for component in ("torch", "numpy", "pika", "rabbitmq"):
         assert component in page
     assert report.render(results) == page
+
+
+def test_plain_loop_matches_fedmq_training() -> None:
+    task = load_task("digits")
+    data = task.load_local_data(0, 4, PartitionSpec())
+    torch.manual_seed(0)
+    model = task.build_model()
+    initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    config = TrainConfig(local_epochs=1, learning_rate=training_bench.LEARNING_RATE, batch_size=32, seed=3)
+
+    result = task.train(model, data, config)
+    trained = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.load_state_dict(initial)
+    steps = training_bench.plain_loop(model, data.x_train, data.y_train, batch_size=32, seed=3)
+
+    # The reference does the same work: same steps, same batch order, same weights.
+    assert steps == result.num_steps
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name])
+
+
+def test_training_section_quick() -> None:
+    section = training_bench.run(quick=True)
+    row = section["results"][0]
+
+    assert row["task"] == "digits"
+    assert row["steps"] == -(-row["samples"] // row["batch_size"])
+    assert row["plain_s"] > 0
+    assert row["fedmq_train_s"] > 0
+    assert row["worker_round_s"] > 0
+    page = report.render({"machine": {}, "mode": "quick", "started_unix": 0.0, "load_average_at_start": [0.0] * 3,
+                          "load_average_at_end": [0.0] * 3, "duration_s": 1.0, "sections": {"training": section}})
+    assert "## training" in page
