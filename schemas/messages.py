@@ -1,7 +1,8 @@
 """The message kinds of the fedmq protocol, each with its fields and its codec.
 
 Every message travels as one frame (see ``schemas.wire``) whose header names the
-kind and the schema version. Decoding checks the kind, the version, each field's
+kind and the schema version. The kind's fields travel as an array, in the order of
+the kind's FIELDS table. Decoding checks the kind, the version, each field's
 presence and type, and each tensor's parts, and raises MessageError naming the
 field that is wrong.
 
@@ -68,6 +69,17 @@ def _check_fields(kind: str, fields: Mapping[str, Any], table: Mapping[str, str]
     if unknown:
         raise MessageError(f"{kind}.{unknown[0]}", f"only the fields {sorted(table)}", f"unknown fields {unknown}")
     return checked
+
+
+def _fields_from_values(kind: str, values: list[Any], table: Mapping[str, str]) -> dict[str, Any]:
+    """Map a frame's field values to the names of the kind's field table, in order.
+
+    A shorter array leaves out the fields from its end on, which _check_fields then
+    reports as missing. A longer one raises MessageError.
+    """
+    if len(values) > len(table):
+        raise MessageError(f"{kind}.fields", f"only the {len(table)} fields {list(table)}", f"{len(values)} values")
+    return dict(zip(table, values))
 
 
 def _check_scalars(path: str, mapping: Mapping[str, Any], allow_str: bool) -> None:
@@ -318,7 +330,7 @@ def encode_message(message: Message, *, lossless_method: str = "none") -> bytes:
     _check_fields(kind, fields, message.FIELDS)
     groups = _TENSOR_GROUPS.get(kind, ())
     tensors = _join_tensors({group: getattr(message, group) for group in groups})
-    return pack_frame(kind, SCHEMA_VERSION, fields, tensors, lossless_method=lossless_method)
+    return pack_frame(kind, SCHEMA_VERSION, list(fields.values()), tensors, lossless_method=lossless_method)
 
 
 def decode_message(body: bytes | bytearray | memoryview, limits: DecodeLimits = DecodeLimits()) -> Message:
@@ -331,7 +343,7 @@ def decode_message(body: bytes | bytearray | memoryview, limits: DecodeLimits = 
     if message_type is None:
         raise MessageError("kind", f"one of {sorted(MESSAGE_TYPES)}", frame.kind)
 
-    fields = _check_fields(frame.kind, frame.fields, message_type.FIELDS)
+    fields = _check_fields(frame.kind, _fields_from_values(frame.kind, frame.fields, message_type.FIELDS), message_type.FIELDS)
     groups = _TENSOR_GROUPS.get(frame.kind, ())
     if groups:
         for name, tensor in frame.tensors.items():

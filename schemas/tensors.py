@@ -16,22 +16,23 @@ import torch
 
 from fedmq.errors import CodecError
 from schemas import codecs
-from schemas.wire import WireTensor
-
-RAW = "raw"
+from schemas.wire import RAW, RAW_PART_DTYPES, WireTensor
 
 # torch dtype -> (wire dtype name, numpy dtype of the travelling part)
 _TORCH_TO_WIRE: dict[torch.dtype, tuple[str, np.dtype]] = {
-    torch.float32: ("float32", np.dtype("float32")),
-    torch.float64: ("float64", np.dtype("float64")),
-    torch.float16: ("float16", np.dtype("float16")),
-    torch.bfloat16: ("bfloat16", np.dtype("uint16")),
-    torch.int64: ("int64", np.dtype("int64")),
-    torch.int32: ("int32", np.dtype("int32")),
-    torch.int16: ("int16", np.dtype("int16")),
-    torch.int8: ("int8", np.dtype("int8")),
-    torch.uint8: ("uint8", np.dtype("uint8")),
-    torch.bool: ("bool", np.dtype("bool")),
+    dtype: (name, RAW_PART_DTYPES[name])
+    for dtype, name in (
+        (torch.float32, "float32"),
+        (torch.float64, "float64"),
+        (torch.float16, "float16"),
+        (torch.bfloat16, "bfloat16"),
+        (torch.int64, "int64"),
+        (torch.int32, "int32"),
+        (torch.int16, "int16"),
+        (torch.int8, "int8"),
+        (torch.uint8, "uint8"),
+        (torch.bool, "bool"),
+    )
 }
 WIRE_DTYPES: dict[str, np.dtype] = {name: part for name, part in _TORCH_TO_WIRE.values()}
 _WIRE_TO_TORCH: dict[str, torch.dtype] = {name: dtype for dtype, (name, _) in _TORCH_TO_WIRE.items()}

@@ -48,6 +48,10 @@ class LocalOverrides:
     time_budget_s: float | None = None
 
 
+# Codecs that send every value; floating buffers use float16 under any other codec.
+DENSE_CODECS = ("float32", "float16", "bfloat16")
+
+
 def round_seed(seed: int, round_number: int, worker_id: str) -> int:
     """Return the training seed of one worker in one round, stable across processes and restarts."""
     return (seed * 1_000_003 + round_number * 7_919 + zlib.crc32(worker_id.encode())) % (2**31 - 1)
@@ -283,17 +287,23 @@ class LocalTrainer:
         rng: np.random.Generator,
     ) -> dict[str, WireTensor]:
         deltas: dict[str, WireTensor] = {}
-        lossy = spec.name != "float32"
+        buffers = {name for name, _ in self.model.named_buffers()}
+        buffer_spec = spec if spec.name in DENSE_CODECS else codecs.CodecSpec("float16")
         for name, start_value in global_state.items():
             value = trained[name]
             dtype = wire_tensors.wire_dtype(value)
             if not value.is_floating_point():
                 deltas[name] = wire_tensors.encode_raw(wire_tensors.to_numpy(value), dtype)
                 continue
+            # Floating buffers such as BatchNorm's running mean and variance travel dense,
+            # without error feedback: a sparse or stochastically rounded delta of a running
+            # variance, averaged over workers, can make it negative.
+            tensor_spec = buffer_spec if name in buffers else spec
+            lossy = tensor_spec.name != "float32" and name not in buffers
             delta = (value.detach().to(torch.float32) - start_value.to(torch.float32)).numpy()
             if lossy:
                 delta = self.error_feedback.compensate(name, delta)
-            encoded = codecs.encode(delta, spec, rng=rng, dtype=dtype)
+            encoded = codecs.encode(delta, tensor_spec, rng=rng, dtype=dtype)
             if lossy:
                 sent = codecs.decode(encoded.codec, encoded.params, encoded.shape, encoded.arrays)
                 self.error_feedback.record(name, delta, sent)

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from fedmq.broker import HEADER_BLOB_QUEUE, HEADER_CHUNK_COUNT, HEADER_PAYLOAD_BYTES, HEADER_REJECT_REASON, HEADER_SHA256
-from schemas.messages import SCHEMA_VERSION, RoundStart, encode_message
+from schemas.messages import SCHEMA_VERSION, RoundStart, Update, encode_message
 from schemas.tensors import decode_state, encode_raw
-from schemas.wire import MAGIC, PREFIX, pack_frame
+from schemas.wire import FORMAT_VERSION, MAGIC, PREFIX, pack_frame
 from tests.faults.helpers import (
     FakeWorker,
     Services,
@@ -62,14 +62,17 @@ def update_fields(start: RoundStart, worker_id: str, **changes: Any) -> dict[str
 def update_frame(start: RoundStart, worker_id: str, deltas: dict[str, np.ndarray], *, kind: str = "update", schema: int = SCHEMA_VERSION, **changes: Any) -> bytes:
     """Pack an update frame by hand, bypassing the encoder's checks; deltas keep their numpy dtype."""
     tensors = {f"deltas/{name}": encode_raw(values, str(values.dtype)) for name, values in deltas.items()}
-    return pack_frame(kind, schema, update_fields(start, worker_id, **changes), tensors)
+    fields = update_fields(start, worker_id, **changes)
+    return pack_frame(kind, schema, [fields[name] for name in Update.FIELDS], tensors)
 
 
 def poison_messages(start: RoundStart, canary: Path, federation: str) -> dict[str, tuple[bytes, str, dict[str, Any]]]:
     """Return each poison message by name, with the rejection reason the coordinator must give it and its headers."""
     good = random_deltas(start, 10)
     fields = update_fields(start, "a")
-    missing_field = {name: value for name, value in fields.items() if name != "num_samples"}
+    field_values = [fields[name] for name in Update.FIELDS]
+    # Field values travel in the order of Update.FIELDS, so a cut-short array lacks the last one.
+    missing_field = field_values[:-1]
     tensors = {f"deltas/{name}": encode_raw(values, "float32") for name, values in good.items()}
 
     wrong_shape = dict(good, **{"fc1.weight": good["fc1.weight"].T.copy()})
@@ -86,9 +89,9 @@ def poison_messages(start: RoundStart, canary: Path, federation: str) -> dict[st
     foreign_queue = {**reference, HEADER_BLOB_QUEUE: f"{federation}.worker.b"}
     messages = {
         "not-msgpack": (b"\x93NUMPY\x01\x00 this is not a fedmq frame", "invalid_message"),
-        "bad-header": (PREFIX.pack(MAGIC, 1, len(header_garbage)) + header_garbage, "invalid_message"),
-        "schema-version": (pack_frame("update", SCHEMA_VERSION + 98, fields, tensors), "invalid_message"),
-        "unknown-kind": (pack_frame("gradient", SCHEMA_VERSION, fields, tensors), "invalid_message"),
+        "bad-header": (PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_garbage)) + header_garbage, "invalid_message"),
+        "schema-version": (pack_frame("update", SCHEMA_VERSION + 98, field_values, tensors), "invalid_message"),
+        "unknown-kind": (pack_frame("gradient", SCHEMA_VERSION, field_values, tensors), "invalid_message"),
         "missing-field": (pack_frame("update", SCHEMA_VERSION, missing_field, tensors), "invalid_message"),
         "round-start": (encode_message(start), "unexpected_kind"),
         "wrong-shape": (update_frame(start, "a", wrong_shape), "wrong_shape"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -22,7 +23,7 @@ from schemas.messages import (
     decode_message,
     encode_message,
 )
-from schemas.wire import WireTensor, pack_frame
+from schemas.wire import PREFIX, WireTensor, pack_frame
 
 SPECS = [
     codecs.CodecSpec("float32"),
@@ -62,7 +63,8 @@ def _fields_of(message: Any) -> dict[str, Any]:
 
 
 def _frame(kind: str, fields: dict[str, Any], tensors: dict[str, WireTensor] | None = None, schema: int = SCHEMA_VERSION) -> bytes:
-    return pack_frame(kind, schema, fields, tensors or {})
+    """Pack a frame by hand; the field values travel in the order of ``fields``."""
+    return pack_frame(kind, schema, list(fields.values()), tensors or {})
 
 
 def _decode_error(body: bytes) -> MessageError:
@@ -206,17 +208,29 @@ def test_schema_version_checked_before_kind() -> None:
     assert error.field == "schema"
 
 
-@pytest.mark.parametrize("missing", sorted(Update.FIELDS))
-def test_update_missing_field_rejected(missing: str) -> None:
+@pytest.mark.parametrize("missing", list(Update.FIELDS))
+def test_update_fields_cut_short_rejected(missing: str) -> None:
     update = _update()
-    fields = _fields_of(update)
-    del fields[missing]
+    position = list(Update.FIELDS).index(missing)
+    fields = dict(list(_fields_of(update).items())[:position])
     tensors = {f"deltas/{name}": tensor for name, tensor in update.deltas.items()}
 
     error = _decode_error(_frame("update", fields, tensors))
 
     assert error.field == f"update.{missing}"
     assert "missing" in str(error)
+
+
+def test_update_field_left_out_shifts_and_is_rejected() -> None:
+    update = _update()
+    fields = _fields_of(update)
+    del fields["num_samples"]
+    tensors = {f"deltas/{name}": tensor for name, tensor in update.deltas.items()}
+
+    error = _decode_error(_frame("update", fields, tensors))
+
+    # num_steps moves into the num_samples slot, so the first mismatch is metrics in num_steps.
+    assert error.field == "update.num_steps"
 
 
 @pytest.mark.parametrize(
@@ -256,14 +270,24 @@ def test_integer_map_keys_rejected() -> None:
     assert error.field == "header"
 
 
-def test_extra_unknown_field_rejected() -> None:
+def test_extra_field_value_rejected() -> None:
     fields = _fields_of(Join(worker_id="worker-1", task="digits", num_samples=10))
     fields["admin"] = True
 
     error = _decode_error(_frame("join", fields))
 
-    assert error.field == "join.admin"
-    assert "admin" in str(error)
+    assert error.field == "join.fields"
+    assert f"only the {len(Join.FIELDS)} fields" in str(error)
+    assert f"{len(Join.FIELDS) + 1} values" in str(error)
+
+
+def test_fields_travel_in_table_order() -> None:
+    message = Leave(worker_id="worker-1", reason="shutdown", sent_unix=3.0)
+    header_length = PREFIX.unpack_from(encode_message(message))[2]
+
+    header = msgpack.unpackb(encode_message(message)[PREFIX.size : PREFIX.size + header_length])
+
+    assert header[2] == ["worker-1", "shutdown", 3.0]
 
 
 @pytest.mark.parametrize(

@@ -158,7 +158,7 @@ def test_encode_raw_rejects_mismatched_part_dtype() -> None:
             "tensors.w.parts.values.count",
         ),
         (
-            WireTensor("topk", (100,), "float32", {"indices": np.zeros(1, np.uint32), "values": np.zeros(1, np.float64)}, {"topk_fraction": 0.01}),
+            WireTensor("topk", (100,), "float32", {"indices": np.zeros(1, np.uint16), "values": np.zeros(1, np.float64)}, {"topk_fraction": 0.01}),
             "tensors.w.parts.values.dtype",
         ),
     ],

@@ -41,8 +41,8 @@ from fedmq.broker import (
 from fedmq.errors import MessageError
 from schemas import codecs
 from schemas import tensors as wire_tensors
-from schemas.messages import DecodeLimits, Join, RoundStart, Update, decode_message, encode_message
-from schemas.wire import MAGIC, PREFIX, WireTensor
+from schemas.messages import MESSAGE_TYPES, DecodeLimits, Join, RoundStart, Update, decode_message, encode_message
+from schemas.wire import ALIGNMENT, FORMAT_VERSION, MAGIC, MIN_ALIGNED_BYTES, PREFIX, REGION_ALIGNMENT, WireTensor
 
 MAX_RAW_BYTES = 64 * 1024
 MAX_ELEMENTS = 16 * 1024
@@ -145,66 +145,77 @@ _SCALARS = st.one_of(
 _NUMBERS = st.one_of(st.integers(min_value=-(2**40), max_value=2**62), st.sampled_from([0, 1, 7, 4096, MAX_ELEMENTS, MAX_ELEMENTS + 1, 2**31, 2**62]))
 
 
+def _frame(header: list[Any], data: bytes) -> bytes:
+    """Build a frame around a header and a data region, with the padding that the header's raw_bytes implies."""
+    header_bytes = msgpack.packb(header, use_bin_type=True)
+    raw_bytes = header[6]
+    alignment = ALIGNMENT if isinstance(raw_bytes, int) and raw_bytes >= MIN_ALIGNED_BYTES else REGION_ALIGNMENT
+    header_end = PREFIX.size + len(header_bytes)
+    padding = bytes(-header_end % alignment)
+    return PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + padding + data
+
+
+_PART_DTYPES = st.sampled_from(["float32", "float16", "int8", "uint8", "uint16", "uint32", "uint64", "bool", "object", "complex64"])
+
+
 @st.composite
-def hostile_headers(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
-    """A well-formed msgpack header whose declared sizes, shapes and offsets are arbitrary."""
+def hostile_headers(draw: st.DrawFn) -> tuple[list[Any], bytes]:
+    """A well-formed msgpack header whose declared sizes, shapes, encodings and parts are arbitrary."""
     data = draw(st.binary(max_size=2048))
+    encodings = [
+        [
+            draw(st.sampled_from(["raw", "float32", "float16", "bfloat16", "q8", "q4", "topk", "topk_q8", "zip"])),
+            draw(st.dictionaries(st.sampled_from(["block_size", "topk_fraction", "x"]), _SCALARS | _NUMBERS, max_size=3)),
+            draw(st.sampled_from(["float32", "float16", "bfloat16", "int64", "bool", "uint16", "str"])),
+        ]
+        for _ in range(draw(st.integers(min_value=0, max_value=3)))
+    ]
     tensors = []
     for _ in range(draw(st.integers(min_value=0, max_value=3))):
-        parts = {
-            draw(st.sampled_from(["values", "scales", "codes", "indices", "x"])): [
-                draw(st.sampled_from(["float32", "float16", "int8", "uint8", "uint32", "uint64", "bool", "object", "complex64"])),
-                draw(_NUMBERS),
-                draw(_NUMBERS),
-            ]
-            for _ in range(draw(st.integers(min_value=0, max_value=3)))
-        }
+        names = st.sampled_from(["values", "scales", "codes", "indices", "x"])
+        listed = draw(st.one_of(st.none(), st.lists(st.tuples(names, _PART_DTYPES, _NUMBERS).map(list), max_size=3)))
         tensors.append(
-            {
-                "name": draw(st.sampled_from(["deltas/a", "deltas/b", "weights/a", "aux/x", "bad"])),
-                "codec": draw(st.sampled_from(["raw", "float32", "float16", "bfloat16", "q8", "q4", "topk", "topk_q8", "zip"])),
-                "params": draw(st.dictionaries(st.sampled_from(["block_size", "topk_fraction", "x"]), _SCALARS | _NUMBERS, max_size=3)),
-                "shape": draw(st.lists(_NUMBERS, max_size=4)),
-                "dtype": draw(st.sampled_from(["float32", "float16", "bfloat16", "int64", "bool", "str"])),
-                "parts": parts,
-            }
+            [
+                draw(st.sampled_from(["deltas/a", "deltas/b", "weights/a", "aux/x", "bad"])),
+                draw(st.one_of(st.integers(min_value=-1, max_value=3), _NUMBERS)),
+                draw(st.lists(_NUMBERS, max_size=4)),
+                listed,
+            ]
         )
     kind = draw(st.sampled_from(["update", "round_start", "join", "leave", "train_failed", "other"]))
-    fields = {
+    values = {
         "run_id": "run", "round": draw(_NUMBERS), "attempt": 0, "model_version": draw(_NUMBERS), "worker_id": draw(st.text(max_size=4)),
         "num_samples": draw(_NUMBERS), "num_steps": 1, "metrics": draw(st.dictionaries(st.text(max_size=3), _SCALARS, max_size=2)),
         "codec": "q8", "sent_unix": 1.0, "task": "digits", "deadline_unix": 1.0, "config": {}, "weights_kind": "full", "base_version": -1,
     }
+    table = MESSAGE_TYPES[kind].FIELDS if kind in MESSAGE_TYPES else values
+    fields = [values.get(name, 0) for name in table][: draw(st.integers(min_value=0, max_value=len(table) + 1))]
     lossless = draw(st.sampled_from(["none", "zstd", "lz4"]))
-    header = {
-        "kind": kind,
-        "schema": draw(st.sampled_from([1, 2])),
-        "fields": fields,
-        "tensors": tensors,
-        "lossless": lossless,
-        "raw_bytes": draw(st.one_of(st.just(len(data)), _NUMBERS)),
-        "data_bytes": draw(st.one_of(st.just(len(data)), _NUMBERS)),
-    }
+    header = [
+        kind,
+        draw(st.sampled_from([1, 2])),
+        fields,
+        encodings,
+        tensors,
+        lossless,
+        draw(st.one_of(st.just(len(data)), _NUMBERS)),
+        draw(st.one_of(st.just(len(data)), _NUMBERS)),
+    ]
     return header, data
 
 
 @FUZZ
 @given(hostile_headers())
-def test_hostile_headers_raise_only_message_error(frame: tuple[dict[str, Any], bytes]) -> None:
+def test_hostile_headers_raise_only_message_error(frame: tuple[list[Any], bytes]) -> None:
     header, data = frame
-    header_bytes = msgpack.packb(header, use_bin_type=True)
-    check_decoder(PREFIX.pack(MAGIC, 1, len(header_bytes)) + header_bytes + data)
+    check_decoder(_frame(header, data))
 
 
 def test_declared_sizes_are_checked_before_allocation() -> None:
     # A zstd frame that declares a gigabyte of content, and a top-k tensor that
     # declares 2**40 values, each in a message of under 1 KiB.
-    header = {
-        "kind": "update", "schema": 1, "fields": {}, "tensors": [], "lossless": "zstd",
-        "raw_bytes": 1 << 30, "data_bytes": 16,
-    }
-    header_bytes = msgpack.packb(header, use_bin_type=True)
-    zstd_bomb = PREFIX.pack(MAGIC, 1, len(header_bytes)) + header_bytes + b"\x28\xb5\x2f\xfd" + bytes(12)
+    header: list[Any] = ["update", 1, [], [], [], "zstd", 1 << 30, 16]
+    zstd_bomb = _frame(header, b"\x28\xb5\x2f\xfd" + bytes(12))
     indices = np.array([0], dtype=np.uint64)
     topk = WireTensor("topk", (2**40,), "float32", {"indices": indices, "values": np.ones(1, dtype=np.float32)}, {"topk_fraction": 1e-12})
     update = Update(run_id="r", round=1, attempt=0, model_version=0, worker_id="w", num_samples=1, num_steps=1, metrics={}, deltas={"w": topk})

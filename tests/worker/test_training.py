@@ -13,6 +13,7 @@ from coordinator.downlink import encode_model_delta
 from schemas import tensors as wire_tensors
 from schemas.codecs import CodecSpec
 from schemas.messages import RoundStart, Update, decode_message
+from fedmq.tasks import PartitionSpec, load_task
 from tests.tasks.helper_tasks import TinyTask
 from worker.training import LocalOverrides, LocalTrainer, MissingBaseModelError
 
@@ -144,3 +145,33 @@ def test_full_model_replaces_held_model() -> None:
     state = trainer.decode_weights(start)
     for name, tensor in replacement.items():
         assert torch.equal(state[name], tensor)
+
+
+# Floating buffers
+
+
+@pytest.mark.parametrize(("codec", "buffer_codec"), [("topk_q8:fraction=0.01", "float16"), ("q4", "float16"), ("bfloat16", "bfloat16"), ("float32", "float32")])
+def test_running_stats_travel_dense(codec: str, buffer_codec: str) -> None:
+    task = load_task("mnist")
+    trainer = LocalTrainer(task, task.load_local_data(0, 10, PartitionSpec()), worker_id="w1", state_dir=None, overrides=LocalOverrides())
+    torch.manual_seed(0)
+    state = {name: tensor.detach().clone() for name, tensor in task.build_model().state_dict().items()}
+    start = RoundStart(
+        run_id="run", round=1, attempt=0, model_version=0, task=task.name, deadline_unix=time.time() + 60,
+        config={"codec": codec, "lossless": "none", "seed": 3, "max_steps": 2}, weights=wire_tensors.encode_state(state),
+    )
+
+    body, _ = trainer.run_round(start)
+    update = decode_message(body)
+    assert isinstance(update, Update)
+    trained = trainer.model.state_dict()
+
+    assert update.deltas["bn1.running_mean"].codec == buffer_codec
+    assert update.deltas["bn1.running_var"].codec == buffer_codec
+    assert update.deltas["conv1.weight"].codec == CodecSpec.parse(codec).name
+    assert update.deltas["bn1.num_batches_tracked"].codec == wire_tensors.RAW
+    # Every running-variance change arrives, so the mean of the workers' values stays positive.
+    sent = wire_tensors.decode(update.deltas["bn1.running_var"], name="bn1.running_var")
+    expected = (trained["bn1.running_var"] - state["bn1.running_var"]).numpy()
+    np.testing.assert_allclose(sent, expected, rtol=1e-2, atol=1e-4)
+    assert "bn1.running_var" not in trainer.error_feedback.state()
