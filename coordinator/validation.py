@@ -74,11 +74,12 @@ def decode_update(update: Update, expected: Mapping[str, ExpectedTensor]) -> dic
             values = wire_tensors.decode(tensor, name=name)
         except MessageError as exc:
             raise RejectedUpdate("invalid_codec", str(exc)) from exc
-        if spec.is_floating:
-            if tensor.codec == wire_tensors.RAW:
-                # float64 values beyond the float32 range become infinite here and are rejected below.
-                with np.errstate(over="ignore"):
-                    values = wire_tensors.as_float32(values, tensor.dtype)
+        # The update codecs reject NaN and infinity while decoding (as invalid_codec), and
+        # their float32 output is finite by construction, so only raw tensors need the check.
+        if spec.is_floating and tensor.codec == wire_tensors.RAW:
+            # float64 values beyond the float32 range become infinite here and are rejected below.
+            with np.errstate(over="ignore"):
+                values = wire_tensors.as_float32(values, tensor.dtype)
             if not all_finite(values):
                 raise RejectedUpdate("non_finite", f"tensor {name!r} contains NaN or Inf, or values beyond the float32 range")
         decoded[name] = values

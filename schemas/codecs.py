@@ -9,14 +9,14 @@ in an update message. Values are flattened in C order before encoding.
     bfloat16  values (uint16 bfloat16 bit patterns, n)                2
     q8        scales (float32, ceil(n/B)), codes (int8, n)            about 1
     q4        scales (float32, ceil(n/B)), codes (uint8, ceil(n/2))   about 0.5
-    topk      indices (uint32, k), values (float32, k)                8 per kept value
-    topk_q8   indices (uint32, k), scales (float32, ceil(k/B)),       about 5 per kept value
+    topk      indices (uint16/32/64, k), values (float32, k)          6 to 12 per kept value
+    topk_q8   indices (uint16/32/64, k), scales (float32, ceil(k/B)), about 3 to 9 per kept value
               codes (int8, k)
 
 B is ``block_size``. q4 packs two 4-bit two's complement codes per byte, the first in
 the low nibble. The top-k codecs keep ``k = max(1, ceil(fraction * n))`` values (none
 when n is 0) and decode to zero elsewhere. Their indices are strictly increasing, and
-uint32 when n < 2**32, uint64 otherwise.
+uint16 when n <= 2**16, uint32 when n < 2**32, uint64 otherwise.
 
 q8 and q4 use stochastic rounding with one scale per block, as in QSGD (Alistarh et al.,
 "QSGD: Communication-Efficient SGD via Gradient Quantization and Encoding", NeurIPS 2017):
@@ -24,29 +24,45 @@ the scale is the block's maximum magnitude, a value x maps to
 ``sign(x) * floor(|x| / scale * s + u)`` with u uniform on [0, 1), and decodes to
 ``code * scale / s``, where s is 127 for q8 and 7 for q4. The decoded value is then
 unbiased, and it differs from x by at most ``scale / s`` (both up to float32 rounding).
+u has 24 bits: it is a hash of the value's index and of a seed drawn once per encode()
+call from its ``rng``, divided by 2**24. Over the seed, a code rounds up with
+probability exactly the fraction of ``|x| / scale * s`` when that is at least 1, and
+with at most 2**-24 more below 1 (see ``schemas.codec_kernels``).
+
+The top-k codecs select by a sampled threshold and an exact selection among the values
+above it (see ``schemas.top_k``), which gives the same k magnitudes as a full sort.
 
 Encoding rejects non-finite input with CodecError, so that a diverged update is never
-sent. Decoding validates the codec, its parameters, the shape and every part before it
-allocates anything, and raises CodecError naming the invalid field.
+sent. Decoding validates the codec, its parameters, the shape, the dtype and length of
+every part, and the contents of every part except the dense values and codes of
+float16, bfloat16, q8 and q4, before it allocates anything. Those dense parts are
+checked in the one pass that converts them into the output, whose size the validated
+shape fixes. Every invalid input raises CodecError naming the invalid field.
+
+Encoding and decoding run compiled loops (``schemas.codec_kernels``), which import
+numba on first use, and split tensors of 2**21 values or more over a few threads
+(``schemas.codec_threads``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import safetensors
 import safetensors.numpy
-import torch
 
 from fedmq.errors import CheckpointError, CodecError, ConfigError
+from schemas.codec_threads import chunk_bounds, run_chunks
 
 CODEC_NAMES = ("float32", "float16", "bfloat16", "q8", "q4", "topk", "topk_q8")
 SOURCE_DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -178,7 +194,7 @@ def _check_name(name: object, field: str) -> str:
 
 
 def _check_block_size(value: object, field: str) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    if type(value) is not int and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
         raise CodecError(field, "an integer power of two", value)
     size = int(value)
     if not MIN_BLOCK_SIZE <= size <= MAX_BLOCK_SIZE or size & (size - 1):
@@ -187,7 +203,7 @@ def _check_block_size(value: object, field: str) -> int:
 
 
 def _check_fraction(value: object, field: str) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if type(value) is not float and (not isinstance(value, numbers.Real) or isinstance(value, bool)):
         raise CodecError(field, "a number with 0 < fraction <= 1", value)
     fraction = float(value)
     if not 0.0 < fraction <= 1.0:  # also rejects NaN
@@ -196,7 +212,9 @@ def _check_fraction(value: object, field: str) -> float:
 
 
 def _check_params(codec: str, params: object) -> dict[str, int | float]:
-    if not isinstance(params, Mapping):
+    # Here and in the checks below, concrete types are tested before the ABCs (Mapping,
+    # Integral, Real), whose isinstance checks are slower.
+    if not isinstance(params, (dict, Mapping)):
         raise CodecError("params", "a mapping of parameter names to numbers", params)
     expected = _CODEC_PARAMS[codec]
     extra = sorted(str(key) for key in params if key not in expected)
@@ -216,13 +234,15 @@ def _check_params(codec: str, params: object) -> dict[str, int | float]:
 
 
 def _check_shape(shape: object, max_elements: int) -> tuple[tuple[int, ...], int]:
-    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+    if not isinstance(shape, (tuple, list)) and (isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence)):
         raise CodecError("shape", "a sequence of non-negative integers", shape)
     if len(shape) > MAX_NDIM:
         raise CodecError("shape", f"at most {MAX_NDIM} dimensions", shape)
     dims = []
     for dim in shape:
-        if not isinstance(dim, numbers.Integral) or isinstance(dim, bool) or dim < 0:
+        if type(dim) is not int and (not isinstance(dim, numbers.Integral) or isinstance(dim, bool)):
+            raise CodecError("shape", "a sequence of non-negative integers", shape)
+        if dim < 0:
             raise CodecError("shape", "a sequence of non-negative integers", shape)
         dims.append(int(dim))
     # numpy rejects shapes whose nonzero dimensions multiply beyond its index range even
@@ -239,7 +259,12 @@ def topk_count(count: int, fraction: float) -> int:
 
 
 def index_dtype(count: int) -> np.dtype:
-    """Return the dtype of top-k indices into a tensor of ``count`` values."""
+    """Return the dtype of top-k indices into a tensor of ``count`` values.
+
+    uint16 when count <= 2**16 (every index fits), uint32 when count < 2**32, else uint64.
+    """
+    if count <= 2**16:
+        return np.dtype(np.uint16)
     return np.dtype(np.uint32) if count < 2**32 else np.dtype(np.uint64)
 
 
@@ -301,32 +326,47 @@ def _check_parts(arrays: object, layout: Mapping[str, tuple[np.dtype, int]], cod
             raise CodecError(field, f"dtype {dtype.str} ({dtype.name})", f"dtype {part.dtype.str}")
         if part.shape != (length,):
             raise CodecError(field, f"a 1-D array of length {length}", f"shape {part.shape}")
-        parts[key] = part
+        # The compiled loops take contiguous arrays; a strided view is copied.
+        parts[key] = np.ascontiguousarray(part)
     return parts
 
 
 # Content checks on parts whose dtype and length are already valid
 
+# Exponent fields of the float formats: all ones means infinity or NaN.
+_EXPONENT_MASKS: dict[np.dtype, tuple[np.dtype, int]] = {
+    np.dtype(np.float16): (np.dtype(np.uint16), 0x7C00),
+    np.dtype(np.float32): (np.dtype(np.uint32), 0x7F800000),
+    np.dtype(np.float64): (np.dtype(np.uint64), 0x7FF0000000000000),
+}
+
 
 def all_finite(values: np.ndarray) -> bool:
-    """Return whether every value of a float16, float32 or float64 array is finite.
+    """Return whether every value of a float array is finite.
 
-    float32 and float64 take one BLAS pass: a dot product of the values with themselves
-    is finite only if every value is, because each term is a square and NaN and
-    infinity propagate. When the squares of large finite values overflow, the exact
-    elementwise check decides. float16 values are checked on their exponent bits.
+    float16, float32 and float64 arrays in native byte order take one pass over their
+    exponent bits, which large arrays split over the codec threads. Other arrays go
+    through ``numpy.isfinite``.
     """
     flat = values.reshape(-1)
     if flat.size == 0:
         return True
-    if flat.dtype == np.float16:
-        exponents = np.bitwise_and(flat.view(np.uint16), np.uint16(0x7C00))
-        return int(exponents.max()) != 0x7C00
-    if flat.dtype in (np.float32, np.float64):
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(np.dot(flat, flat)):
-                return True
-    return bool(np.isfinite(flat).all())
+    masks = _EXPONENT_MASKS.get(flat.dtype)
+    if masks is None:
+        return bool(np.isfinite(flat).all())
+    bits_dtype, mask = masks
+    return _largest_masked(np.ascontiguousarray(flat).view(bits_dtype), mask) != mask
+
+
+def _largest_masked(bits: np.ndarray, mask: int) -> int:
+    """Return the largest ``bits & mask`` of an unsigned integer array, split over the codec threads."""
+    kernels = _kernels()
+    typed_mask = bits.dtype.type(mask)
+    bounds = chunk_bounds(bits.size)
+    if len(bounds) == 1:
+        return int(kernels.max_masked(bits, typed_mask))
+    tasks = [functools.partial(kernels.max_masked, bits[start:stop], typed_mask) for start, stop in bounds]
+    return max(int(largest) for largest in run_chunks(tasks))
 
 
 def _check_finite(part: np.ndarray, field: str) -> None:
@@ -334,10 +374,27 @@ def _check_finite(part: np.ndarray, field: str) -> None:
         raise CodecError(field, "finite values", f"{np.count_nonzero(~np.isfinite(part))} non-finite values")
 
 
-def _check_scales(scales: np.ndarray, field: str) -> None:
+def _check_scales(scales: np.ndarray, levels: int, field: str) -> None:
     _check_finite(scales, field)
+    if scales.size == 0:
+        return
     if (scales < 0).any():
         raise CodecError(field, "non-negative scales", f"minimum {scales.min()}")
+    if not _decodes_finite(scales, levels):
+        raise CodecError(field, "scales whose largest code decodes to a finite float32", f"scale {scales.max()}")
+
+
+def _decodes_finite(scales: np.ndarray, levels: int) -> bool:
+    """Return whether ``levels * (scale / levels)`` is finite in float32 for every scale.
+
+    It rounds to infinity for scales within a few ulps of the float32 maximum. Both
+    roundings are monotonic, so the largest scale decides.
+    """
+    if scales.size == 0:
+        return True
+    with np.errstate(over="ignore"):
+        decoded = np.float32(levels) * (scales.max() / np.float32(levels))
+    return bool(np.isfinite(decoded))
 
 
 def _check_q8_codes(codes: np.ndarray, field: str) -> None:
@@ -346,16 +403,9 @@ def _check_q8_codes(codes: np.ndarray, field: str) -> None:
         raise CodecError(field, "codes from -127 to 127", "code -128")
 
 
-def _check_q4_codes(codes: np.ndarray, count: int, field: str) -> None:
-    low = codes & 0x0F
-    high = codes >> 4
-    if count % 2:
-        if high[-1] != 0:
-            raise CodecError(field, "a zero padding nibble after an odd number of codes", f"nibble {high[-1]}")
-        high = high[:-1]
-    # 4-bit two's complement codes lie in [-7, 7], so the nibble 0x8 (-8) is invalid.
-    if (low == 8).any() or (high == 8).any():
-        raise CodecError(field, "4-bit codes from -7 to 7", "code -8")
+def _check_q4_padding(codes: np.ndarray, count: int, field: str) -> None:
+    if count % 2 and codes[-1] >> 4:
+        raise CodecError(field, "a zero padding nibble after an odd number of codes", f"nibble {codes[-1] >> 4}")
 
 
 def _check_indices(indices: np.ndarray, count: int, field: str) -> None:
@@ -367,19 +417,20 @@ def _check_indices(indices: np.ndarray, count: int, field: str) -> None:
         raise CodecError(field, f"indices below {count}", f"index {int(indices[-1])}")
 
 
-def _check_contents(codec: str, parts: Mapping[str, np.ndarray], count: int) -> None:
-    if codec in ("float32", "float16", "topk"):
+def _check_parts_before_decoding(codec: str, parts: Mapping[str, np.ndarray], count: int) -> None:
+    """Check every part except the dense values and codes that decoding checks as it converts them.
+
+    Of the parts checked here only float32 values are as long as the tensor, and
+    decode() allocates nothing for those.
+    """
+    if codec in ("float32", "topk"):
         _check_finite(parts["values"], "arrays.values")
-    elif codec == "bfloat16":
-        # An all-ones exponent is an infinity or NaN, which encode() never emits.
-        if ((parts["values"] & 0x7F80) == 0x7F80).any():
-            raise CodecError("arrays.values", "finite bfloat16 values", "infinity or NaN bit patterns")
-    if "scales" in parts:
-        _check_scales(parts["scales"], "arrays.scales")
-    if codec in ("q8", "topk_q8"):
+    elif codec == "topk_q8":
         _check_q8_codes(parts["codes"], "arrays.codes")
     elif codec == "q4":
-        _check_q4_codes(parts["codes"], count, "arrays.codes")
+        _check_q4_padding(parts["codes"], count, "arrays.codes")
+    if "scales" in parts:
+        _check_scales(parts["scales"], _LEVELS["q4" if codec == "q4" else "q8"], "arrays.scales")
     if "indices" in parts:
         _check_indices(parts["indices"], count, "arrays.indices")
 
@@ -415,6 +466,9 @@ def float32_from_bf16(bits: np.ndarray) -> np.ndarray:
 
 # Encoding
 
+# The dtypes that encode() accepts, in native byte order, by their names.
+_ENCODABLE_DTYPES = {np.dtype(name): name for name in ("float16", "float32", "float64")}
+
 
 def encode(
     values: np.ndarray,
@@ -427,145 +481,112 @@ def encode(
 
     ``dtype`` names the dtype that the values had before conversion to numpy, such as
     "bfloat16" for a torch bfloat16 tensor, and defaults to ``values.dtype``. ``rng``
-    supplies the stochastic rounding of q8, q4 and topk_q8.
+    seeds the stochastic rounding of q8, q4 and topk_q8: one draw per call.
 
     float16 clips values to +-65504 and bfloat16 to its largest finite value, so a finite
     input never turns into infinity. Values below their smallest subnormal become zero.
     The float32 part may share memory with ``values``. Raises CodecError when the values
     are not float16, float32 or float64, or when any value is NaN, infinite or beyond
-    the float32 range.
+    the float32 range. Large tensors are split over the codec threads; the result does
+    not depend on how.
     """
-    if not isinstance(values, np.ndarray) or values.dtype not in (np.float16, np.float32, np.float64):
+    if not isinstance(values, np.ndarray) or values.dtype not in _ENCODABLE_DTYPES:
         got = f"dtype {values.dtype}" if isinstance(values, np.ndarray) else values
         raise CodecError("values", "a float16, float32 or float64 array", got)
-    source_dtype = values.dtype.name if dtype is None else dtype
+    source_dtype = _ENCODABLE_DTYPES[values.dtype] if dtype is None else dtype
     if source_dtype not in SOURCE_DTYPES:
         raise CodecError("dtype", f"one of {', '.join(SOURCE_DTYPES)}", source_dtype)
 
-    # Float64 values beyond the float32 range become infinite here and are rejected below.
-    with np.errstate(over="ignore"):
+    if values.dtype == np.float64:
+        # Float64 values beyond the float32 range become infinite here and are rejected below.
+        with np.errstate(over="ignore"):
+            flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    else:
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    if not all_finite(flat):
-        bad = np.count_nonzero(~np.isfinite(flat))
-        raise CodecError("values", "finite values within the float32 range", f"{bad} non-finite values")
-
     parts = _encode_flat(flat, spec, rng)
     return EncodedTensor(spec.name, spec.params(), tuple(values.shape), source_dtype, parts)
 
 
 def _encode_flat(flat: np.ndarray, spec: CodecSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Encode float32 values, checking that they are finite in the same pass."""
     if spec.name == "float32":
+        if not all_finite(flat):
+            _raise_non_finite(flat)
         return {"values": flat}
-    if spec.name == "float16":
-        return {"values": _to_float16(flat)}
-    if spec.name == "bfloat16":
-        return {"values": _to_bfloat16_bits(flat)}
-    if spec.name == "q8":
-        scales, codes = quantize(flat, levels=_LEVELS["q8"], block_size=spec.block_size, rng=rng)
+    if spec.name in ("float16", "bfloat16"):
+        return {"values": _to_half(flat, spec.name)}
+    if spec.name in ("q8", "q4"):
+        scales, codes = quantize(flat, codec=spec.name, block_size=spec.block_size, rng=rng)
         return {"scales": scales, "codes": codes}
-    if spec.name == "q4":
-        scales, codes = quantize(flat, levels=_LEVELS["q4"], block_size=spec.block_size, rng=rng)
-        return {"scales": scales, "codes": pack_nibbles(codes)}
 
-    indices = top_k_indices(flat, topk_count(flat.size, spec.topk_fraction))
-    kept = flat[indices]
+    indices, kept = _top_k_module().top_k(flat, topk_count(flat.size, spec.topk_fraction), index_dtype(flat.size))
     if spec.name == "topk":
         return {"indices": indices, "values": kept}
-    scales, codes = quantize(kept, levels=_LEVELS["q8"], block_size=spec.block_size, rng=rng)
+    scales, codes = quantize(kept, codec="q8", block_size=spec.block_size, rng=rng)
     return {"indices": indices, "scales": scales, "codes": codes}
 
 
-def _to_float16(flat: np.ndarray) -> np.ndarray:
-    # torch converts with the CPU's vector instructions, several times faster than numpy.
-    # Finite values beyond +-65504 become infinite there, so those inputs are clipped first.
-    half = _read_only_torch(flat).to(torch.float16).numpy()
-    if all_finite(half):
-        return half
-    return torch.from_numpy(np.clip(flat, -FLOAT16_MAX, FLOAT16_MAX)).to(torch.float16).numpy()
+def _raise_non_finite(flat: np.ndarray) -> None:
+    bad = np.count_nonzero(~np.isfinite(flat))
+    raise CodecError("values", "finite values within the float32 range", f"{bad} non-finite values")
 
 
-def _to_bfloat16_bits(flat: np.ndarray) -> np.ndarray:
-    # torch rounds float32 to bfloat16 to nearest even, as bf16_from_float32 does for
-    # finite values. Values that round beyond the largest bfloat16 are clipped first.
-    bits = _read_only_torch(flat).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    exponents = np.bitwise_and(bits, np.uint16(0x7F80))
-    if bits.size == 0 or int(exponents.max()) != 0x7F80:
-        return bits
-    return bf16_from_float32(np.clip(flat, -BFLOAT16_MAX, BFLOAT16_MAX))
+def _to_half(flat: np.ndarray, codec: str) -> np.ndarray:
+    """Convert finite float32 values to float16 (as float16) or bfloat16 (as uint16 bits), rounding to nearest even."""
+    kernels = _kernels()
+    kernel = kernels.float16_from_float32 if codec == "float16" else kernels.bfloat16_from_float32
+    bits = flat.view(np.uint32)
+    out = np.empty(flat.size, dtype=np.uint16)
+    tasks = [functools.partial(kernel, bits[start:stop], out[start:stop]) for start, stop in chunk_bounds(flat.size)]
+    if max(int(largest) for largest in run_chunks(tasks)) == kernels.FLOAT32_EXPONENT_MASK:
+        _raise_non_finite(flat)
+    return out.view(np.float16) if codec == "float16" else out
 
 
 def quantize(
-    flat: np.ndarray, *, levels: int, block_size: int, rng: np.random.Generator
+    flat: np.ndarray, *, codec: str, block_size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize finite float32 values to int8 codes in [-levels, levels] with one scale per block.
+    """Quantize float32 values with the q8 or q4 codec; return its parts ``(scales, codes)``.
 
-    Returns ``(scales, codes)``: the float32 maximum magnitude of each block of
-    ``block_size`` values (the last block may be shorter) and the stochastically rounded
-    codes, whose expected value is ``x / scale * levels``.
+    The scales are the float32 maximum magnitude of each block of ``block_size`` values
+    (the last block may be shorter). q8 codes are int8 in [-127, 127]; q4 codes are in
+    [-7, 7], packed two per byte. The expected value of a code is ``x / scale * levels``,
+    as the module docstring details. Raises CodecError when a value is not finite.
     """
+    kernels = _kernels()
     count = flat.size
-    if count == 0:
-        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int8)
+    shift = block_size.bit_length() - 1
+    scales = np.empty(-(-count // block_size), dtype=np.float32)
+    codes = np.empty(count, dtype=np.int8) if codec == "q8" else np.empty(-(-count // 2), dtype=np.uint8)
+    seed = np.uint32(rng.integers(0, 2**32, dtype=np.uint32))
+    bits = flat.view(np.uint32)
 
-    magnitude = np.abs(flat)
-    scales = np.maximum.reduceat(magnitude, np.arange(0, count, block_size))
-    per_value = np.repeat(scales, block_size)[:count]
-
-    # In a block whose scale is zero every magnitude is zero already, so the division
-    # is skipped there. Elsewhere magnitude / scale <= 1 exactly, so codes never exceed levels.
-    np.divide(magnitude, per_value, out=magnitude, where=per_value > 0)
-    del per_value
-    magnitude *= np.float32(levels)
-
-    # Round up with probability equal to the fractional part, which makes the code unbiased.
-    codes = np.floor(magnitude)
-    magnitude -= codes
-    codes += rng.random(count, dtype=np.float32) < magnitude
-    del magnitude
-
-    result = codes.astype(np.int8)
-    np.negative(result, out=result, where=np.signbit(flat))
-    return scales, result
-
-
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """Pack int8 codes in [-8, 7] two per byte as 4-bit two's complement.
-
-    Code ``2i`` goes to the low nibble of byte ``i`` and code ``2i + 1`` to its high
-    nibble. After an odd number of codes, the last high nibble is zero.
-    """
-    nibbles = codes.view(np.uint8) & np.uint8(0x0F)
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, np.uint8(0))
-    pairs = nibbles.reshape(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << np.uint8(4))
-
-
-def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
-    """Unpack ``count`` int8 codes from bytes written by pack_nibbles()."""
-    signed = packed.view(np.int8)
-    codes = np.empty(2 * packed.size, dtype=np.int8)
-    # Shifting the low nibble to the top and back sign-extends it, as does the
-    # arithmetic right shift of the high nibble.
-    codes[0::2] = (signed << np.int8(4)) >> np.int8(4)
-    codes[1::2] = signed >> np.int8(4)
-    return codes[:count]
+    # Chunks start on block boundaries, so each chunk owns whole blocks and scales.
+    tasks = []
+    for start, stop in chunk_bounds(count, align=max(block_size, 64)):
+        chunk_scales = scales[start // block_size : -(-stop // block_size)]
+        arguments: tuple[Any, ...]
+        if codec == "q8":
+            arguments = (bits[start:stop], shift, _LEVELS["q8"], seed, start, chunk_scales, codes[start:stop])
+            tasks.append(functools.partial(kernels.quantize_q8, *arguments))
+        else:
+            arguments = (bits[start:stop], shift, seed, start, chunk_scales, codes[start // 2 : -(-stop // 2)])
+            tasks.append(functools.partial(kernels.quantize_q4, *arguments))
+    if max(int(largest) for largest in run_chunks(tasks)) >= kernels.FLOAT32_EXPONENT_MASK:
+        _raise_non_finite(flat)
+    if not _decodes_finite(scales, _LEVELS[codec]):
+        raise CodecError("values", f"magnitudes that {codec} decodes to finite float32 values", f"maximum {scales.max()}")
+    return scales, codes
 
 
 def top_k_indices(flat: np.ndarray, k: int) -> np.ndarray:
-    """Return the ascending indices of the ``k`` values of largest magnitude.
+    """Return the ascending indices of the ``k`` finite float32 values of largest magnitude.
 
     Ties at the boundary are broken arbitrarily. The dtype is index_dtype(flat.size).
+    Raises CodecError when a value is not finite.
     """
-    dtype = index_dtype(flat.size)
-    if k >= flat.size:
-        return np.arange(flat.size, dtype=dtype)
-    if k == 0:
-        return np.zeros(0, dtype=dtype)
-    partitioned = np.argpartition(np.abs(flat), flat.size - k)
-    kept = partitioned[flat.size - k :]
-    kept.sort()
-    return kept.astype(dtype)
+    indices, _ = _top_k_module().top_k(np.ascontiguousarray(flat, dtype=np.float32), k, index_dtype(flat.size))
+    return indices
 
 
 # Decoding
@@ -582,22 +603,26 @@ def decode(
 ) -> np.ndarray:
     """Decode parts into a float32 array of ``shape``.
 
-    Everything that arrived in the message is validated before the output is allocated.
     The codec name must be known and the params must be exactly those it uses. The shape
     may have at most ``max_elements`` values. Each part must have its dtype and exact
     length, finite values and scales, and codes in range. Top-k indices must be strictly
     increasing and below the size. An invalid input raises CodecError naming the field,
     such as ``arrays.scales``.
 
+    Everything but the dense values and codes of float16, bfloat16, q8 and q4 is
+    validated before the output is allocated. Those are checked in the same pass that
+    converts them into the output, whose size the validated shape fixes.
+
     With ``out`` (a writable C-contiguous float32 array of ``shape``) the result is
-    written there and ``out`` is returned. Without it, the float32 codec returns a view
-    that shares memory with ``arrays["values"]``, so copy it before changing it in place.
+    written there and ``out`` is returned; when decoding then raises CodecError, ``out``
+    may hold part of the result. Without it, the float32 codec returns a view that
+    shares memory with ``arrays["values"]``, so copy it before changing it in place.
     """
     codec = _check_name(codec, "codec")
     checked = _check_params(codec, params)
     dims, count = _check_shape(shape, max_elements)
     parts = _check_parts(arrays, _layout(codec, checked, count), codec)
-    _check_contents(codec, parts, count)
+    _check_parts_before_decoding(codec, parts, count)
     if out is not None and (
         not isinstance(out, np.ndarray)
         or out.dtype != np.float32
@@ -621,59 +646,101 @@ def _decode_into(
 ) -> None:
     if codec == "float32":
         result[...] = parts["values"]
-    elif codec == "float16":
-        # torch converts float16 with vector instructions, about twice as fast as numpy.
-        torch.from_numpy(result).copy_(_read_only_torch(parts["values"]))
-    elif codec == "bfloat16":
-        bits = _read_only_torch(parts["values"].view(np.int16)).view(torch.bfloat16)
-        torch.from_numpy(result).copy_(bits)
+    elif codec in ("float16", "bfloat16"):
+        _from_half(parts["values"], codec, result)
     elif codec in ("q8", "q4"):
-        codes = parts["codes"] if codec == "q8" else unpack_nibbles(parts["codes"], result.size)
-        dequantize(parts["scales"], codes, levels=_LEVELS[codec], block_size=int(params["block_size"]), out=result)
+        dequantize(parts["scales"], parts["codes"], codec=codec, block_size=int(params["block_size"]), out=result)
+    elif codec == "topk":
+        _expand_sparse(parts["indices"], parts["values"], result)
     else:
-        result[...] = 0.0
-        if codec == "topk":
-            result[parts["indices"]] = parts["values"]
-        else:
-            kept = dequantize(parts["scales"], parts["codes"], levels=_LEVELS["q8"], block_size=int(params["block_size"]))
-            result[parts["indices"]] = kept
+        kept = dequantize(parts["scales"], parts["codes"], codec="q8", block_size=int(params["block_size"]))
+        _expand_sparse(parts["indices"], kept, result)
+
+
+def _from_half(values: np.ndarray, codec: str, result: np.ndarray) -> None:
+    """Convert float16 or bfloat16 bits to float32, rejecting infinity and NaN patterns."""
+    kernels = _kernels()
+    if codec == "float16":
+        kernel, mask, expected = kernels.float32_from_float16, kernels.FLOAT16_EXPONENT_MASK, "finite float16 values"
+    else:
+        kernel, mask, expected = kernels.float32_from_bfloat16, kernels.BFLOAT16_EXPONENT_MASK, "finite bfloat16 values"
+    bits = values.view(np.uint16)
+    tasks = [functools.partial(kernel, bits[start:stop], result[start:stop]) for start, stop in chunk_bounds(bits.size)]
+    if max(int(largest) for largest in run_chunks(tasks)) == mask:
+        bad = np.count_nonzero((bits & mask) == mask)
+        raise CodecError("arrays.values", expected, f"{bad} infinity or NaN bit patterns")
 
 
 def dequantize(
     scales: np.ndarray,
     codes: np.ndarray,
     *,
-    levels: int,
+    codec: str,
     block_size: int,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Return ``code * scale / levels`` as float32, the inverse of quantize()."""
-    count = codes.size
+    """Return ``code * (scale / levels)`` as float32, the inverse of quantize().
+
+    ``codes`` are int8 for q8 and packed bytes for q4, whose code count is ``out.size``
+    or, without ``out``, twice the bytes. Raises CodecError (field ``arrays.codes``) for
+    a code that quantize() never writes: -128 for q8, -8 for q4.
+    """
+    kernels = _kernels()
+    if out is not None:
+        count = out.size
+    elif codec == "q8":
+        count = codes.size
+    else:
+        count = 2 * codes.size
     result = np.empty(count, dtype=np.float32) if out is None else out
-    steps = scales / np.float32(levels)
-    # Whole blocks multiply against one step per row in a single pass, without
-    # expanding the steps to one per value.
-    whole = count // block_size * block_size
-    if whole:
-        np.multiply(
-            codes[:whole].reshape(-1, block_size),
-            steps[: whole // block_size, None],
-            out=result[:whole].reshape(-1, block_size),
-            dtype=np.float32,
-        )
-    if whole < count:
-        np.multiply(codes[whole:], steps[-1], out=result[whole:], dtype=np.float32)
+    shift = block_size.bit_length() - 1
+
+    tasks = []
+    for start, stop in chunk_bounds(count, align=max(block_size, 64)):
+        chunk_scales = scales[start // block_size : -(-stop // block_size)]
+        arguments: tuple[Any, ...]
+        if codec == "q8":
+            arguments = (codes[start:stop], chunk_scales, shift, _LEVELS["q8"], result[start:stop])
+            tasks.append(functools.partial(kernels.dequantize_q8, *arguments))
+        else:
+            arguments = (codes[start // 2 : -(-stop // 2)], chunk_scales, shift, result[start:stop])
+            tasks.append(functools.partial(kernels.dequantize_q4, *arguments))
+    smallest = min(int(code) for code in run_chunks(tasks))
+    if codec == "q8" and smallest < -127:
+        raise CodecError("arrays.codes", "codes from -127 to 127", "code -128")
+    if codec == "q4" and smallest < -7:
+        raise CodecError("arrays.codes", "4-bit codes from -7 to 7", "code -8")
     return result
 
 
-def _read_only_torch(array: np.ndarray) -> torch.Tensor:
-    """Wrap an array, possibly read-only, as a torch tensor that is only ever read."""
-    if array.flags.writeable:
-        return torch.from_numpy(array)
-    # torch warns on non-writable buffers because writes would be undefined; this one is an operand only.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
+def _expand_sparse(indices: np.ndarray, values: np.ndarray, result: np.ndarray) -> None:
+    """Write ``values`` at ``indices`` of ``result`` and zeros elsewhere, in one pass split over the codec threads."""
+    kernels = _kernels()
+    bounds = chunk_bounds(result.size)
+    firsts = [0, indices.size]
+    if len(bounds) > 1:
+        # Several chunks mean at least MIN_PARALLEL_VALUES values, so every edge fits the index dtype.
+        edges = np.array([start for start, _ in bounds] + [result.size], dtype=indices.dtype)
+        firsts = np.searchsorted(indices, edges).tolist()
+    tasks = []
+    for chunk, (start, stop) in enumerate(bounds):
+        first, last = firsts[chunk], firsts[chunk + 1]
+        arguments = (indices[first:last], values[first:last], start, result[start:stop])
+        tasks.append(functools.partial(kernels.expand_sparse, *arguments))
+    run_chunks(tasks)
+
+
+def _kernels() -> ModuleType:
+    """Return schemas.codec_kernels, which imports numba, on first use."""
+    from schemas import codec_kernels
+
+    return codec_kernels
+
+
+def _top_k_module() -> ModuleType:
+    from schemas import top_k
+
+    return top_k
 
 
 # Error feedback

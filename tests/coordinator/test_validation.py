@@ -203,16 +203,53 @@ def test_non_finite_values_rejected(bad: float, codec: str) -> None:
     elif codec == "float16":
         tensor = WireTensor("float16", (4,), "float32", {"values": values.astype(np.float16)})
     else:
-        indices = np.array([0, 1], dtype=np.uint32)
+        indices = np.array([0, 1], dtype=codecs.index_dtype(4))
         tensor = WireTensor("topk", (4,), "float32", {"indices": indices, "values": values[:2].astype(np.float32)}, {"topk_fraction": 0.5})
     deltas["fc.bias"] = tensor
 
     rejection = _rejection(deltas)
 
-    assert rejection.reason in ("non_finite", "invalid_codec")
+    # The update codecs reject NaN and infinity while decoding; raw tensors are checked after.
+    assert rejection.reason == ("non_finite" if codec.startswith("raw") else "invalid_codec")
     assert "fc.bias" in rejection.detail
-    if codec.startswith("raw"):
-        assert rejection.reason == "non_finite"
+
+
+@pytest.mark.parametrize("codec", ["q8", "q4", "topk_q8"])
+def test_scale_decoding_to_infinity_rejected(codec: str) -> None:
+    deltas = _deltas(codecs.CodecSpec(codec, block_size=16, topk_fraction=1.0))
+    tensor = deltas["fc.weight"]
+    scales = tensor.arrays["scales"].copy()
+    scales[0] = np.float32(3.4028235e38) if codec != "q4" else np.float32(np.inf)
+    deltas["fc.weight"] = WireTensor(tensor.codec, tensor.shape, tensor.dtype, {**tensor.arrays, "scales": scales}, tensor.params)
+
+    rejection = _rejection(deltas)
+
+    assert rejection.reason == "invalid_codec"
+    assert "fc.weight" in rejection.detail
+    assert "scales" in rejection.detail
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [codecs.CodecSpec(name, block_size=16, topk_fraction=0.5) for name in codecs.CODEC_NAMES],
+    ids=lambda spec: spec.name,
+)
+def test_decoded_codec_tensors_are_finite(spec: codecs.CodecSpec) -> None:
+    # The largest magnitudes each codec can carry: decode_update relies on the codecs
+    # for finiteness and checks only raw tensors itself.
+    rng = np.random.default_rng(5)
+    deltas = _deltas(spec)
+    extreme = (rng.choice([-1.0, 1.0], size=(4, 8)) * 3.0e38).astype(np.float32)
+    if spec.name == "float16":
+        extreme = np.full((4, 8), 65504.0, dtype=np.float32)
+    elif spec.name in ("q8", "topk_q8"):
+        extreme = np.full((4, 8), 3.3e38, dtype=np.float32)
+    deltas["fc.weight"] = _encoded(extreme, spec)
+
+    decoded = decode_update(_update(deltas), EXPECTED)
+
+    for name in ("fc.weight", "fc.bias", "half.weight"):
+        assert np.isfinite(decoded[name]).all(), name
 
 
 def test_raw_float64_beyond_float32_range_rejected() -> None:

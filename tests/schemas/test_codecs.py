@@ -23,6 +23,7 @@ from schemas.codecs import (
     decode,
     encode,
     float32_from_bf16,
+    index_dtype,
     part_layout,
     topk_count,
 )
@@ -235,7 +236,7 @@ def test_topk_keeps_largest_magnitudes(fraction: float) -> None:
     encoded, decoded = _round_trip(values, CodecSpec("topk", topk_fraction=fraction))
 
     indices = encoded.arrays["indices"]
-    assert indices.dtype == np.uint32
+    assert indices.dtype == np.uint16
     assert indices.size == expected_k
     assert (np.diff(indices.astype(np.int64)) > 0).all()
     np.testing.assert_array_equal(np.sort(np.abs(values[indices]))[::-1], _topk_reference(values, expected_k))
@@ -280,6 +281,66 @@ def test_encode_rejects_float64_beyond_float32_range() -> None:
         encode(np.array([1e300]), CodecSpec("float32"), rng=np.random.default_rng(0))
 
     assert caught.value.field == "values"
+
+
+@pytest.mark.parametrize("position", [0, 1_234_567, -1])
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_encode_rejects_non_finite_in_large_tensor(codec: str, position: int) -> None:
+    # Large enough to be split over the codec threads: the check is part of every chunk.
+    values = np.ones(2**21 + 77, dtype=np.float32)
+    values[position] = np.nan
+
+    with pytest.raises(CodecError) as caught:
+        encode(values, CodecSpec(codec), rng=np.random.default_rng(0))
+
+    assert caught.value.field == "values"
+    assert "1 non-finite values" in str(caught.value)
+
+
+@pytest.mark.parametrize("codec", ["q8", "topk_q8"])
+def test_encode_rejects_values_that_decode_to_infinity(codec: str) -> None:
+    # 127 * (3.4028235e38 / 127) rounds to infinity in float32.
+    values = np.array([3.4028235e38, 1.0, 2.0], dtype=np.float32)
+
+    with pytest.raises(CodecError) as caught:
+        encode(values, CodecSpec(codec, topk_fraction=1.0), rng=np.random.default_rng(0))
+
+    assert caught.value.field == "values"
+
+
+def test_q4_encodes_largest_float32() -> None:
+    values = np.array([3.4028235e38, -3.4028235e38, 0.0], dtype=np.float32)
+
+    _, decoded = _round_trip(values, CodecSpec("q4", block_size=16))
+
+    np.testing.assert_array_equal(decoded, values)
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_round_trip_large_tensor(codec: str) -> None:
+    values = _values((2**21 + 99,), seed=12)
+    spec = CodecSpec(codec, block_size=256, topk_fraction=0.01)
+
+    encoded, decoded = _round_trip(values, spec)
+
+    if codec == "float32":
+        np.testing.assert_array_equal(decoded, values)
+    elif codec == "float16":
+        np.testing.assert_array_equal(decoded, values.astype(np.float16).astype(np.float32))
+    elif codec == "bfloat16":
+        expected = torch.from_numpy(values.copy()).to(torch.bfloat16).to(torch.float32).numpy()
+        np.testing.assert_array_equal(decoded, expected)
+    elif codec in ("q8", "q4"):
+        assert _block_bound_violations(values, decoded, 256, LEVELS[codec]) == []
+    else:
+        k = topk_count(values.size, 0.01)
+        indices = encoded.arrays["indices"]
+        assert indices.size == k
+        assert (np.diff(indices.astype(np.int64)) > 0).all()
+        np.testing.assert_array_equal(np.sort(np.abs(values[indices]))[::-1], _topk_reference(values, k))
+        dropped = np.ones(values.size, dtype=bool)
+        dropped[indices] = False
+        assert not decoded[dropped].any()
 
 
 def test_encode_rejects_integer_values() -> None:
@@ -525,6 +586,39 @@ def test_decode_rejects_bad_q4_nibbles() -> None:
         _assert_rejected("arrays.codes", "q4", params, shape, {**arrays, "codes": bad})
 
 
+def _large_valid(codec: str) -> tuple[dict[str, int | float], tuple[int, ...], dict[str, np.ndarray]]:
+    encoded = encode(_values((2**21 + 3,), seed=13), CodecSpec(codec, block_size=256), rng=np.random.default_rng(0))
+    return dict(encoded.params), encoded.shape, {name: part.copy() for name, part in encoded.arrays.items()}
+
+
+@pytest.mark.parametrize("position", [0, 2**20 + 5, -1])
+def test_decode_checks_dense_parts_while_converting(position: int) -> None:
+    params, shape, arrays = _large_valid("float16")
+    arrays["values"][position] = np.inf
+    _assert_rejected("arrays.values", "float16", params, shape, arrays)
+
+    params, shape, arrays = _large_valid("bfloat16")
+    arrays["values"][position] = 0xFF80
+    _assert_rejected("arrays.values", "bfloat16", params, shape, arrays)
+
+    params, shape, arrays = _large_valid("q8")
+    arrays["codes"][position] = -128
+    _assert_rejected("arrays.codes", "q8", params, shape, arrays)
+
+    params, shape, arrays = _large_valid("q4")
+    # The last byte holds one code and the zero padding nibble; -8 goes in its low nibble.
+    arrays["codes"][position // 2 if position >= 0 else -1] = 0x08 if position == -1 else 0x80
+    _assert_rejected("arrays.codes", "q4", params, shape, arrays)
+
+
+@pytest.mark.parametrize("codec", ["q8", "q4", "topk_q8"])
+def test_decode_rejects_scales_that_decode_to_infinity(codec: str) -> None:
+    params, shape, arrays = _valid(codec)
+    arrays["scales"][0] = np.float32(3.4028235e38) if codec != "q4" else np.inf
+
+    _assert_rejected("arrays.scales", codec, params, shape, arrays)
+
+
 def test_decode_rejects_shape_over_max_elements() -> None:
     params, shape, arrays = _valid("float32")
 
@@ -562,6 +656,25 @@ def test_part_layout_matches_encode(codec: str, shape: tuple[int, ...]) -> None:
     layout = part_layout(codec, spec.params(), shape)
 
     assert {name: (part.dtype, part.size) for name, part in encoded.arrays.items()} == layout
+
+
+@pytest.mark.parametrize(
+    ("count", "dtype"),
+    [(0, np.uint16), (2**16, np.uint16), (2**16 + 1, np.uint32), (2**32 - 1, np.uint32), (2**32, np.uint64)],
+)
+def test_index_dtype_boundaries(count: int, dtype: type) -> None:
+    assert index_dtype(count) == np.dtype(dtype)
+
+
+def test_topk_uint16_indices_reach_last_value() -> None:
+    values = np.zeros(2**16, dtype=np.float32)
+    values[-1] = 1.0
+
+    encoded, decoded = _round_trip(values, CodecSpec("topk", topk_fraction=1e-9))
+
+    assert encoded.arrays["indices"].dtype == np.uint16
+    assert encoded.arrays["indices"].tolist() == [2**16 - 1]
+    assert decoded[-1] == 1.0
 
 
 def test_part_layout_uint64_indices() -> None:
@@ -602,6 +715,22 @@ def test_decode_into_out(codec: str) -> None:
 
     assert result is out
     np.testing.assert_array_equal(out, decode(codec, params, shape, arrays))
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_decode_misaligned_and_strided_parts(codec: str) -> None:
+    params, shape, arrays = _valid(codec)
+    expected = decode(codec, params, shape, arrays)
+    misaligned = {}
+    strided = {}
+    for name, part in arrays.items():
+        buffer = bytes(1) + part.tobytes()
+        misaligned[name] = np.frombuffer(buffer, dtype=part.dtype, offset=1)
+        doubled = np.repeat(part, 2)
+        strided[name] = doubled[::2]
+
+    np.testing.assert_array_equal(decode(codec, params, shape, misaligned), expected)
+    np.testing.assert_array_equal(decode(codec, params, shape, strided), expected)
 
 
 def test_decode_rejects_wrong_out() -> None:
