@@ -5,7 +5,9 @@ Encode is the worker's path from float32 deltas to the bytes of an Update messag
 stage). Decode is the coordinator's path from those bytes to float32 arrays ready to
 sum (``decode_message`` then ``coordinator.validation.decode_update``, which checks
 every value). The reference copies the state dict's float32 bytes between two warm
-buffers with ``numpy.copyto``. Error feedback is not part of encode here.
+buffers with ``numpy.copyto``. Error feedback is not part of encode here. Each figure
+is the best mean of batches of back-to-back calls that last about 50 ms each, as timeit
+measures, so that calls of under a millisecond are not dominated by the timer.
 
 The section also records what a fresh process pays before its first encode: the import
 of ``schemas.codecs``, then the first encode and decode with every codec, which imports
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import REPO_ROOT, best_time_s, ratio
+from benchmarks.common import REPO_ROOT, best_time_per_call_s, ratio
 from coordinator.validation import decode_update, expected_tensors
 from schemas import codecs
 from schemas.messages import Update, decode_message, encode_message
@@ -83,15 +85,15 @@ def run(*, quick: bool) -> dict[str, Any]:
         source = np.concatenate([tensor.numpy().reshape(-1) for tensor in state.values()])
         target = np.empty_like(source)
         target[...] = 0.0
-        copy_s = best_time_s(lambda: np.copyto(target, source), repeats=repeats + 2)
+        copy_s = best_time_per_call_s(lambda: np.copyto(target, source), repeats=repeats + 2)
         del source, target
 
         for text in CODEC_TEXTS:
             spec = codecs.CodecSpec.parse(text)
             rng = np.random.default_rng(0)
             body = encode_update(state, spec, rng)
-            encode_s = best_time_s(lambda: encode_update(state, spec, rng), repeats=repeats, warmup=0)
-            decode_s = best_time_s(lambda: decode_update_body(body, expected), repeats=repeats)
+            encode_s = best_time_per_call_s(lambda: encode_update(state, spec, rng), repeats=repeats)
+            decode_s = best_time_per_call_s(lambda: decode_update_body(body, expected), repeats=repeats)
             results.append(
                 {
                     "params": actual_params,
