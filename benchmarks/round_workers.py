@@ -1,4 +1,4 @@
-"""Worker side of the ``rounds`` section: worker threads in one process, fedmq or raw pika.
+"""Worker side of the ``rounds`` section: N worker threads in one process, fedmq or raw pika.
 
 ``fedmq`` mode runs real ``worker.service.Worker`` objects on a task whose training is a
 no-op, so a round costs only the protocol: receive and decode the model, encode a
@@ -7,8 +7,7 @@ message with the same number of bytes, published with the same delivery settings
 (persistent, publisher confirms, mandatory) to a results queue of the same type.
 
 Both print ``ready`` once every worker is connected and subscribed, and exit after
-the given number of rounds. ``--first-index`` numbers the workers of this process
-from that index on, so several processes together serve one federation.
+the given number of rounds.
 """
 
 from __future__ import annotations
@@ -77,10 +76,10 @@ def _run_fedmq(args: argparse.Namespace) -> None:
     broker = BrokerSettings(url=args.url, federation=args.federation, heartbeat_s=120)
     workers = [
         Worker(
-            WorkerSettings(broker=broker, task=task.name, worker_id=f"w{index}", shard_index=index, shard_count=args.shards, exit_after_rounds=args.rounds),
+            WorkerSettings(broker=broker, task=task.name, worker_id=f"w{index}", shard_index=index, shard_count=args.workers, exit_after_rounds=args.rounds),
             task=task,
         )
-        for index in range(args.first_index, args.first_index + args.workers)
+        for index in range(args.workers)
     ]
     threads = [threading.Thread(target=worker.run, name=worker.worker_id, daemon=True) for worker in workers]
     for thread in threads:
@@ -122,7 +121,7 @@ def _run_raw(args: argparse.Namespace) -> None:
             failures.append(exc)
             ready.abort()
 
-    threads = [threading.Thread(target=serve, args=(index,), daemon=True) for index in range(args.first_index, args.first_index + args.workers)]
+    threads = [threading.Thread(target=serve, args=(index,), daemon=True) for index in range(args.workers)]
     for thread in threads:
         thread.start()
     ready.wait()
@@ -137,16 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run benchmark workers as threads of one process.")
     parser.add_argument("mode", choices=("fedmq", "raw"))
     parser.add_argument("--url", required=True)
-    parser.add_argument("--workers", type=int, required=True, help="worker threads in this process")
-    parser.add_argument("--first-index", type=int, default=0, help="index of this process's first worker")
-    parser.add_argument("--shards", type=int, default=0, help="fedmq mode: workers in the whole federation (default: --workers)")
+    parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--params", type=int, default=0, help="fedmq mode: model parameters")
     parser.add_argument("--bytes", type=int, default=0, help="raw mode: reply size in bytes")
     parser.add_argument("--federation", default="bench")
     parser.add_argument("--untuned", action="store_true", help="keep glibc's and pika's defaults")
     args = parser.parse_args(argv)
-    args.shards = args.shards or args.workers
     if not args.untuned:
         tune_allocator()
         tune_pika_reads()

@@ -1,14 +1,14 @@
 """Section ``rounds``: the time of one round with no-op training, against raw pika moving the same bytes.
 
-fedmq: the coordinator runs in this process, each worker in a subprocess of its own
-(``benchmarks.round_workers``), as deployed workers run. A round is timed from the coordinator's
+fedmq: the coordinator runs in this process, the workers as threads of one
+subprocess (``benchmarks.round_workers``). A round is timed from the coordinator's
 round start (just before it publishes) to the moment the new global model exists
 (the no-op task's evaluation, which the coordinator calls right after aggregating).
 The uplink codec is float32 without a lossless stage and the downlink sends the full
 model, so each round moves the model's size once to every worker and once back.
 
-raw pika: the same process layout, one subprocess per consumer. This process publishes one body of the model's
-size to a fanout exchange bound to one durable queue per worker. Each worker
+raw pika: the same process layout. This process publishes one body of the model's
+size to a fanout exchange bound to one durable queue per worker thread. Each thread
 replies with the same number of bytes to a quorum results queue, which this process
 consumes. Messages are persistent and publishes wait for confirms, as in fedmq.
 
@@ -38,64 +38,39 @@ from fedmq.broker import BrokerSettings
 FULL_CONFIGS = [(workers, megabytes) for workers in (10, 50) for megabytes in (1, 10, 50)]
 QUICK_CONFIGS = [(4, 1)]
 ROUNDS = 4
-# Rough resident memory per worker process: about 155 MB of private memory after
-# importing torch and fedmq (torch 2.13 CPU, measured with /proc/self/smaps_rollup), plus
-# model-sized buffers: the model, the held global model, the received round start, the
-# delta and the encoded update.
-WORKER_PROCESS_BYTES = 160_000_000
+# Rough resident memory per worker thread, in model sizes: the model, the held global
+# model, the received round start, the delta and the encoded update.
 WORKER_MODEL_COPIES = 6
 MAX_MEMORY_FRACTION = 0.5
 
 
-def _start_workers(mode: str, url: str, workers: int, rounds: int, extra: list[str]) -> list[subprocess.Popen[str]]:
-    """Start one subprocess per worker and return them once every one has printed ``ready``."""
-    processes: list[subprocess.Popen[str]] = []
+def _start_workers(mode: str, url: str, workers: int, rounds: int, extra: list[str]) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "benchmarks.round_workers", mode, "--url", url, "--workers", str(workers), "--rounds", str(rounds), *extra]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if line.strip() != "ready":
+        process.kill()
+        _, error = process.communicate(timeout=30)
+        raise RuntimeError(f"benchmark workers ({mode}) did not start: {error[-2000:]}")
+    return process
+
+
+def _finish(process: subprocess.Popen[str], timeout_s: float) -> None:
     try:
-        for index in range(workers):
-            command = [
-                sys.executable, "-m", "benchmarks.round_workers", mode, "--url", url, "--workers", "1",
-                "--first-index", str(index), "--shards", str(workers), "--rounds", str(rounds), *extra,
-            ]
-            # One torch thread per worker, as `fedmq worker` defaults to on a shared machine.
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            processes.append(subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-        for process in processes:
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            if line.strip() != "ready":
-                process.kill()
-                _, error = process.communicate(timeout=30)
-                raise RuntimeError(f"benchmark workers ({mode}) did not start: {error[-2000:]}")
-    except BaseException:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-        raise
-    return processes
-
-
-def _finish(processes: list[subprocess.Popen[str]], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    failures = []
-    for process in processes:
-        try:
-            _, error = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            failures.append(f"did not exit within {timeout_s:.0f} s")
-            continue
-        if process.returncode != 0:
-            failures.append(f"exited with status {process.returncode}: {error[-2000:]}")
-    if failures:
-        raise RuntimeError(f"{len(failures)} benchmark workers failed, first: {failures[0]}")
+        _, error = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise RuntimeError(f"benchmark workers did not exit within {timeout_s:.0f} s") from None
+    if process.returncode != 0:
+        raise RuntimeError(f"benchmark workers exited with status {process.returncode}: {error[-2000:]}")
 
 
 def fedmq_round_times(url: str, workers: int, num_params: int, rounds: int) -> list[float]:
     """Run ``rounds`` rounds of fedmq with no-op training and return each round's time in seconds."""
     federation = f"bench-{uuid.uuid4().hex[:8]}"
-    processes = _start_workers("fedmq", url, workers, rounds, ["--params", str(num_params), "--federation", federation])
+    process = _start_workers("fedmq", url, workers, rounds, ["--params", str(num_params), "--federation", federation])
     try:
         task = NoOpTask(num_params)
         with tempfile.TemporaryDirectory(prefix="fedmq-bench-run-") as run_dir:
@@ -106,7 +81,7 @@ def fedmq_round_times(url: str, workers: int, num_params: int, rounds: int) -> l
             )
             result = Coordinator(settings, task=task).run()
     finally:
-        _finish(processes, 300)
+        _finish(process, 300)
     times = []
     for record, evaluated in zip(result.history, task.evaluated_unix):
         started = record["finished_unix"] - record["duration_s"]
@@ -123,7 +98,7 @@ def raw_round_times(url: str, workers: int, size_bytes: int, rounds: int, *, tun
     channel.exchange_declare(RAW_EXCHANGE, exchange_type="fanout", durable=True)
     channel.queue_declare(RAW_RESULTS, durable=True, arguments={"x-queue-type": "quorum"})
     extra = ["--bytes", str(size_bytes)] + ([] if tuned else ["--untuned"])
-    processes = _start_workers("raw", url, workers, rounds, extra)
+    process = _start_workers("raw", url, workers, rounds, extra)
     times = []
     try:
         channel.basic_qos(prefetch_count=max(2, workers))
@@ -141,7 +116,7 @@ def raw_round_times(url: str, workers: int, size_bytes: int, rounds: int, *, tun
             times.append(time.perf_counter() - started)
         channel.cancel()
     finally:
-        _finish(processes, 300)
+        _finish(process, 300)
         for index in range(workers):
             channel.queue_delete(f"bench.raw.worker.{index}")
         channel.queue_delete(RAW_RESULTS)
@@ -161,10 +136,9 @@ def run(*, quick: bool, url: str) -> dict[str, Any]:
     for workers, megabytes in configs:
         size_bytes = megabytes * 1_000_000
         row: dict[str, Any] = {"workers": workers, "model_mb": megabytes, "rounds": rounds}
-        needed_bytes = workers * (WORKER_PROCESS_BYTES + WORKER_MODEL_COPIES * size_bytes)
-        if needed_bytes > MAX_MEMORY_FRACTION * _memory_bytes():
+        if workers * WORKER_MODEL_COPIES * size_bytes > MAX_MEMORY_FRACTION * _memory_bytes():
             row["skipped"] = (
-                f"about {needed_bytes / 2**30:.1f} GiB for the worker processes exceeds "
+                f"about {workers * WORKER_MODEL_COPIES * size_bytes / 2**30:.1f} GiB for the worker threads exceeds "
                 f"{MAX_MEMORY_FRACTION:.0%} of this machine's memory"
             )
             results.append(row)
@@ -189,7 +163,7 @@ def run(*, quick: bool, url: str) -> dict[str, Any]:
         results.append(row)
     return {
         "reference": "raw pika: one persistent publish fanned out to N durable queues, N same-sized persistent replies to a quorum queue",
-        "workers_are": "one subprocess each, with one torch thread; the coordinator runs in the benchmark process",
+        "workers_are": "threads of one subprocess, each with its own connection; the coordinator runs in the benchmark process",
         "targets": {"fedmq_over_raw": "<= 1.3"},
         "results": results,
         "duration_s": round(time.monotonic() - started, 1),
