@@ -8,7 +8,8 @@ is reported apart.
 
 Centralized: the same model, seed and training settings, trained by this process
 with the task's own training loop on the union of the workers' training data, one
-epoch per call, evaluated on the same test set after each epoch.
+epoch per call, evaluated on the same test set after each epoch. It runs with one
+torch thread, as each worker does, and the fastest of three runs counts.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ TARGET_ACCURACY = 0.95
 MAX_ROUNDS = 25
 MAX_EPOCHS = 60
 QUICK_WORKERS = 3
+# Centralized training of digits takes well under a second, so one slow spell of a shared
+# machine would skew a single run; the fastest of several is kept.
+CENTRALIZED_REPEATS = 3
 QUICK_ROUNDS = 3
 
 
@@ -89,7 +93,20 @@ def _federated(url: str, workers: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def _centralized(workers: int, max_epochs: int) -> dict[str, Any]:
+def _centralized(workers: int, max_epochs: int, repeats: int) -> dict[str, Any]:
+    """Train centrally ``repeats`` times with one torch thread, as each worker trains, and keep the fastest run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = [_centralized_once(workers, max_epochs) for _ in range(repeats)]
+    finally:
+        torch.set_num_threads(threads)
+    reached = [run for run in runs if run["time_to_target_s"] is not None]
+    best = min(reached, key=lambda run: run["time_to_target_s"]) if reached else runs[-1]
+    return {**best, "runs": repeats, "all_times_s": [run["time_to_target_s"] for run in runs]}
+
+
+def _centralized_once(workers: int, max_epochs: int) -> dict[str, Any]:
     task = DigitsTask()
     shards = [task.load_local_data(index, workers, PartitionSpec(scheme="iid")) for index in range(workers)]
     data = shards[0]
@@ -117,7 +134,7 @@ def run(*, quick: bool, url: str) -> dict[str, Any]:
     started = time.monotonic()
     workers = QUICK_WORKERS if quick else WORKERS
     federated = _federated(url, workers, QUICK_ROUNDS if quick else MAX_ROUNDS)
-    centralized = _centralized(workers, 3 if quick else MAX_EPOCHS)
+    centralized = _centralized(workers, 3 if quick else MAX_EPOCHS, 1 if quick else CENTRALIZED_REPEATS)
     result: dict[str, Any] = {
         "task": "digits",
         "partition": "iid",

@@ -45,7 +45,7 @@ from fedmq.logging_setup import log_context, set_log_context
 from fedmq.metrics import CoordinatorMetrics
 from fedmq.rundir import write_final_model, write_settings
 from fedmq.tasks import Task, load_task
-from schemas.codecs import CodecSpec, all_finite
+from schemas.codecs import CodecSpec, all_finite, load_kernels
 from schemas.messages import (
     DecodeLimits,
     Join,
@@ -286,6 +286,8 @@ class Coordinator:
         started = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         logger.info("run %s: starting in %s with %r", self.run_id, self.run_dir, self.settings)
+        # Loaded before any update arrives, so that decoding the first one is not seconds slower.
+        load_kernels()
         self.broker.connect()
         self.broker.consume(self.broker.topology.results_queue, self._on_delivery, prefetch=64)
         try:

@@ -730,6 +730,16 @@ def _expand_sparse(indices: np.ndarray, values: np.ndarray, result: np.ndarray) 
     run_chunks(tasks)
 
 
+def load_kernels() -> None:
+    """Load the compiled codec kernels now rather than at the first encode or decode.
+
+    The first load imports numba and reads the kernels from numba's cache, about 0.5 s
+    (or compiles them, about 4 s, when the cache is empty). Services call this at start,
+    so the cost does not land in their first round.
+    """
+    _kernels()
+
+
 def _kernels() -> ModuleType:
     """Return schemas.codec_kernels, which imports numba, on first use."""
     from schemas import codec_kernels

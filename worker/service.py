@@ -37,7 +37,7 @@ from fedmq.metrics import WorkerMetrics
 from fedmq.tasks import PartitionSpec, Task, load_task
 from schemas.messages import DecodeLimits, Join, Leave, RoundStart, ShardAssignment, decode_message, encode_message
 from worker.privacy import SamplePrivacy, SamplePrivacySettings
-from worker.training import LocalOverrides, LocalTrainer, failure_message
+from worker.training import LocalOverrides, LocalTrainer, failure_message, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,8 @@ class Worker:
 
     def _serve(self) -> None:
         logger.info("worker %s: starting with %r", self.worker_id, self.settings.broker)
+        # Before the Join, so that the coordinator does not wait for these loads in round 1.
+        warm_up()
         self._connect()
         try:
             while not self._should_exit():
