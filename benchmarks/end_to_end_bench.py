@@ -37,7 +37,7 @@ MAX_ROUNDS = 25
 MAX_EPOCHS = 60
 QUICK_WORKERS = 3
 # Centralized training of digits takes well under a second, so one slow spell of a shared
-# machine would skew a single run; the fastest of several is kept.
+# machine would skew a single run. The fastest of several runs counts.
 CENTRALIZED_REPEATS = 3
 QUICK_ROUNDS = 3
 

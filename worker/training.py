@@ -55,10 +55,10 @@ DENSE_CODECS = ("float32", "float16", "bfloat16")
 def warm_up() -> None:
     """Load now what the first round would otherwise load lazily: the codec kernels and torch's optimizer machinery.
 
-    torch 2.13 imports torch._dynamo when the first optimizer is built (about 1.5 s of
-    CPU on a 2-core x86-64 VM) and the codec kernels take about 0.5 s more, so without
-    this a worker's first round is seconds late, and more so when several workers
-    start on one machine.
+    torch 2.13 imports torch._dynamo when the first optimizer is built, about 1.5 s of
+    CPU on a 2-core x86-64 VM, and the codec kernels take about 0.5 s more. Without this
+    call a worker's first round is seconds late, more so when several workers start on
+    one machine.
     """
     codecs.load_kernels()
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)

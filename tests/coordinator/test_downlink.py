@@ -169,13 +169,15 @@ def test_needs_full_follows_held_versions() -> None:
 class _Recorder:
     """Wraps a worker's trainer to record the weights kind of every round it trains."""
 
-    def __init__(self, worker: Worker, *, drop_model_after_round: int | None = None) -> None:
+    def __init__(self, worker: Worker, *, drop_model_after_round: int | None = None, gate: threading.Event | None = None) -> None:
         assert worker.trainer is not None
         self.trainer = worker.trainer
         self.kinds: dict[int, str] = {}
         self._decode_weights = self.trainer.decode_weights
         self._run_round = self.trainer.run_round
         self._drop_after = drop_model_after_round
+        # From round 3 on, training waits for the gate, so the run cannot end before the test opens it.
+        self._gate = gate
         self.trainer.decode_weights = self._record  # type: ignore[method-assign]
         self.trainer.run_round = self._run_and_maybe_drop  # type: ignore[method-assign]
 
@@ -184,6 +186,8 @@ class _Recorder:
         return self._decode_weights(start)
 
     def _run_and_maybe_drop(self, start: RoundStart) -> tuple[bytes, dict[str, Any]]:
+        if self._gate is not None and start.round >= 3:
+            assert self._gate.wait(RUN_TIMEOUT_S), "the test did not open the gate"
         result = self._run_round(start)
         if start.round == self._drop_after:
             # The worker loses its copy of the global model, as after a crash without state.
@@ -224,9 +228,10 @@ def test_workers_end_with_coordinator_view(make_rabbitmq: Callable[..., RabbitMQ
     steady = make_worker("steady", 0)
     forgetful = make_worker("forgetful", 1)
     late = make_worker("late", 2)
+    late_joined = threading.Event()
     recorders = {
-        "steady": _Recorder(steady),
-        "forgetful": _Recorder(forgetful, drop_model_after_round=3),
+        "steady": _Recorder(steady, gate=late_joined),
+        "forgetful": _Recorder(forgetful, drop_model_after_round=3, gate=late_joined),
         "late": _Recorder(late),
     }
     failures: list[BaseException] = []
@@ -246,9 +251,14 @@ def test_workers_end_with_coordinator_view(make_rabbitmq: Callable[..., RabbitMQ
         # The late worker joins while the run is under way.
         _wait_until(lambda: coordinator.completed_rounds >= 2 or bool(failures), "two completed rounds")
         threads.append(_start_thread(guarded(late.run), "late"))
+        # Rounds of the tiny task take milliseconds, so without the gate the run could
+        # end before the late worker's Join arrives.
+        _wait_until(lambda: "late" in coordinator.workers or bool(failures), "the late worker's join")
+        late_joined.set()
         coordinator_thread.join(RUN_TIMEOUT_S)
         assert not coordinator_thread.is_alive(), "the coordinator did not finish in time"
     finally:
+        late_joined.set()
         for worker in (steady, forgetful, late):
             worker.stop_requested = True
         for thread in threads:
