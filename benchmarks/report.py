@@ -187,9 +187,9 @@ LIMITS = """\
   only about 10% and was not kept.
 - **Lossy encode.** q8, q4 and topk_q8 hash each value's index for stochastic rounding,
   which costs about one cycle per value, so they are bound by arithmetic, not memory.
-- **Round overhead.** With no-op training a fedmq round still decodes the weights, loads
-  them into the model, computes and encodes a delta on every worker, and validates (values,
-  norm) and adds every update on the coordinator, then evaluates the new model. Raw pika
+- **Round overhead.** With no-op training, every worker in a fedmq round still decodes the
+  weights, loads them into the model, and computes and encodes a delta. The coordinator
+  validates (values, norm) and adds every update, then evaluates the new model. Raw pika
   does none of that, and both run on the same two cores as the broker. Single rounds vary
   by up to two times on this machine (every round's time is in benchmarks.json).
 - **End to end on digits.** Centralized training of the digits MLP reaches 95% in about

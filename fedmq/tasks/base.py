@@ -248,7 +248,7 @@ def seed_torch(seed: int) -> None:
     """Seed torch's random number generators like ``torch.manual_seed``, faster on CPU-only machines.
 
     torch.manual_seed also queues lazy seeding calls for CUDA and the other backends,
-    and records a stack trace for each; that costs about 0.1 ms per call (torch 2.13,
+    and it records a stack trace for each. That costs about 0.1 ms per call (torch 2.13,
     measured on a CPU build). Without CUDA, only the CPU generator matters.
     """
     if torch.cuda.is_available():

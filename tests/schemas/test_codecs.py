@@ -606,8 +606,11 @@ def test_decode_checks_dense_parts_while_converting(position: int) -> None:
     _assert_rejected("arrays.codes", "q8", params, shape, arrays)
 
     params, shape, arrays = _large_valid("q4")
-    # The last byte holds one code and the zero padding nibble; -8 goes in its low nibble.
-    arrays["codes"][position // 2 if position >= 0 else -1] = 0x08 if position == -1 else 0x80
+    if position == -1:
+        # The last byte contains one code and the zero padding nibble, so -8 goes in its low nibble.
+        arrays["codes"][-1] = 0x08
+    else:
+        arrays["codes"][position // 2] = 0x80
     _assert_rejected("arrays.codes", "q4", params, shape, arrays)
 
 
